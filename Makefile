@@ -1,0 +1,37 @@
+# make demo: set-up plus the whole pipeline on the bundled sample data.  make test: the test suite.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench lab clean-outputs
+
+install: $(STAMP)
+
+# torch first, and only when missing: elsewhere (Colab, an existing env) the installed build is kept;
+# letting pip resolve torch on its own could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/instructblip-peft demo
+
+test: install
+	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest --nbval-lax notebooks -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python benchmarks/eval_ranking.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/eval_vision_cache.py
+	$(BIN)/python benchmarks/gpu_real_size.py
+
+lab: install
+	$(BIN)/jupyter lab notebooks
+
+clean-outputs:
+	find outputs -mindepth 1 ! -name README.md -delete

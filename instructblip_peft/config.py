@@ -1,0 +1,142 @@
+"""Reading params/: the single source of truth for every setting.
+
+`resolve_settings` merges, in order of precedence (last wins):
+train.yaml + data.yaml defaults < the experiment's recipe (learning rate, epochs)
+< the preset's values (per-LLM batch size; the tiny presets' own overrides) < the user's overrides.
+Unknown keys and wrongly typed values are errors.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+
+def params_dir() -> Path:
+    """params/ beside the package; INSTRUCTBLIP_PEFT_PARAMS points elsewhere (e.g. an edited copy)."""
+    return Path(os.environ.get("INSTRUCTBLIP_PEFT_PARAMS", REPO_DIR / "params"))
+
+
+def load_yaml(name: str) -> dict:
+    path = params_dir() / name
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# Settings whose default is null still have a type; it is declared here once rather than guessed.
+NULLABLE_TYPES = {
+    "epochs": int, "learning_rate": float, "batch_size": int, "grad_accum_steps": int,
+    "max_steps": int, "max_train_samples": int, "max_eval_samples": int, "max_grad_norm": float,
+}
+CHOICES = {
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "eval_mode": ("rank", "generate"),
+    "lr_schedule": ("linear_per_epoch",),
+}
+POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
+            "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
+            "max_train_samples", "max_eval_samples"}
+
+
+def default_settings() -> dict:
+    """Every overridable setting with its default (train.yaml and data.yaml minus prompt templates)."""
+    train = load_yaml("train.yaml")
+    data = {k: v for k, v in load_yaml("data.yaml").items() if k != "templates"}
+    clash = set(train) & set(data)
+    if clash:
+        raise UserError(f"params: keys defined twice (train.yaml and data.yaml): {sorted(clash)}")
+    return {**train, **data}
+
+
+def parse_value(text: str) -> Any:
+    """A CLI string as YAML would read it ("1e-4" -> float, "true" -> bool, "null" -> None)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-4" as a string; accept it as a float.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def check_value(key: str, value: Any, default: Any) -> Any:
+    """Return `value` coerced to the setting's type, or raise a UserError naming the key."""
+    expected = NULLABLE_TYPES.get(key) or (type(default) if default is not None else None)
+    if value is None:
+        if key in NULLABLE_TYPES or default is None:
+            return None
+        raise UserError(f"setting '{key}' cannot be null (expected {expected.__name__})")
+    ok = True
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise UserError(f"setting '{key}' must be {expected.__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"setting '{key}' must be one of {list(CHOICES[key])}, got {value!r}")
+    if key in POSITIVE and value <= 0:
+        raise UserError(f"setting '{key}' must be positive, got {value!r}")
+    return value
+
+
+def validate_overrides(overrides: Mapping[str, Any] | None, defaults: dict | None = None) -> dict:
+    defaults = default_settings() if defaults is None else defaults
+    out = {}
+    for key, raw in (overrides or {}).items():
+        if key not in defaults:
+            raise UserError(f"unknown setting '{key}'. Valid settings: {', '.join(sorted(defaults))}")
+        out[key] = check_value(key, parse_value(raw), defaults[key])
+    return out
+
+
+class Settings(dict):
+    """A resolved set of settings: a dict that also reads as attributes (settings.learning_rate)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def resolve_settings(dataset: str | None = None, experiment=None, preset: Mapping | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> Settings:
+    defaults = default_settings()
+    merged = dict(defaults)
+    if experiment is not None and dataset is not None:
+        merged["learning_rate"] = experiment.learning_rate(dataset)
+        merged["epochs"] = experiment.epochs(dataset)
+    if preset is not None:
+        for section in ("train", "data"):
+            for key, value in (preset.get(section) or {}).items():
+                if key not in defaults:
+                    raise UserError(f"presets.yaml: preset '{preset['name']}' sets unknown key '{key}'")
+                merged[key] = check_value(key, value, defaults[key])
+    merged.update(validate_overrides(overrides, defaults))
+    return Settings(merged)
