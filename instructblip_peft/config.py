@@ -140,3 +140,12 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
                 merged[key] = check_value(key, value, defaults[key])
     merged.update(validate_overrides(overrides, defaults))
     return Settings(merged)
+
+
+def path_setting(key: str) -> Path:
+    """A path from params/paths.yaml, resolved against the repository root."""
+    paths = load_yaml("paths.yaml")
+    if key not in paths:
+        raise UserError(f"paths.yaml: no key '{key}' (have: {', '.join(paths)})")
+    p = Path(os.path.expanduser(str(paths[key])))
+    return p if p.is_absolute() else REPO_DIR / p
