@@ -1,0 +1,1 @@
+"""Datasets: raw downloads -> processed records -> prompts -> model batches."""

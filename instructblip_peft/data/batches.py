@@ -1,0 +1,191 @@
+"""From processed records to model batches: images, prompt encoding for both LLM families, collators.
+
+The layout follows the original (LAVIS blip2_t5_instruct / blip2_vicuna_instruct):
+- Q-Former text input: the rendered prompt.
+- LLM input: `num_query_tokens` image placeholders (replaced by the Q-Former output inside the model) then
+  the prompt tokens; both texts truncated from the LEFT to max_txt_len so the question's end survives.
+- T5: labels = target tokens (+ </s>); the decoder input is derived from them by the model.
+- LLaMA: prompt + target + </s> in one sequence, right-padded; labels are -100 on placeholders, prompt, pad.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..model import IMAGE_TOKEN
+from .prompts import candidate_texts, render_prompt, target_text
+
+IGNORE_INDEX = -100
+BLANK_IMAGE_COLOR = (255, 255, 255)  # text-only problems (ScienceQA without image) see a white image
+
+
+# ---------------------------------------------------------------- images
+
+def load_image(image_root: Path | None, relative: str | None, size: int) -> Image.Image:
+    if relative is None:
+        return Image.new("RGB", (size, size), BLANK_IMAGE_COLOR)
+    path = Path(image_root) / relative
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.5, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The crop box of torchvision's RandomResizedCrop (area share in `scale`, log-uniform aspect ratio,
+    10 tries, then a centre crop), drawn from `rng` so a resumed run draws the same crops."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+@dataclass
+class ImageTransform:
+    """Train: random resized crop (bicubic) + optional horizontal flip; eval: plain bicubic resize.
+    Normalisation is the checkpoint's image processor's."""
+    image_processor: object
+    image_size: int
+    train: bool = False
+    augment: bool = True
+    horizontal_flip: bool = True
+    crop_scale_min: float = 0.5
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        if self.train and self.augment:
+            rng = rng or random.Random()
+            box = random_resized_crop_box(image.width, image.height, rng, scale=(self.crop_scale_min, 1.0))
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+            # Flip is the original recipe; it is wrong for left/right questions (switch it off for those).
+            if self.horizontal_flip and rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        out = self.image_processor(images=image, size={"height": self.image_size, "width": self.image_size},
+                                   return_tensors="pt")
+        return out["pixel_values"][0]
+
+
+def make_transform(processor, settings, train: bool) -> ImageTransform:
+    return ImageTransform(processor.image_processor, settings.image_size, train=train, augment=settings.augment,
+                          horizontal_flip=settings.horizontal_flip, crop_scale_min=settings.crop_scale_min)
+
+
+# ---------------------------------------------------------------- text
+
+def image_token_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def encode_prompts(processor, prompts: list[str], max_txt_len: int) -> dict:
+    """Token ids (unpadded lists) of each prompt for the Q-Former and the LLM (placeholders first)."""
+    qtok, tok = processor.qformer_tokenizer, processor.tokenizer
+    qtok.truncation_side = tok.truncation_side = "left"
+    q_ids = qtok(prompts, truncation=True, max_length=max_txt_len)["input_ids"]
+    llm_ids = tok(prompts, truncation=True, max_length=max_txt_len)["input_ids"]
+    placeholders = [image_token_id(tok)] * processor.num_query_tokens
+    return {"qformer_input_ids": q_ids, "input_ids": [placeholders + ids for ids in llm_ids]}
+
+
+def encode_targets(processor, targets: list[str], family: str, max_output_txt_len: int) -> list[list[int]]:
+    """Answer token ids, ending in EOS for both families (T5's tokenizer adds it; for LLaMA we append it,
+    without the BOS the tokenizer would put first)."""
+    tok = processor.tokenizer
+    if family == "t5":
+        tok.truncation_side = "right"
+        return tok(targets, truncation=True, max_length=max_output_txt_len)["input_ids"]
+    ids = tok(targets, add_special_tokens=False)["input_ids"]
+    return [t[: max_output_txt_len - 1] + [tok.eos_token_id] for t in ids]
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [(s + [value] * (width - len(s))) if side == "right" else ([value] * (width - len(s)) + s) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def mask(seqs: list[list[int]], side: str = "right") -> torch.Tensor:
+    return pad([[1] * len(s) for s in seqs], 0, side)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------- dataset + collator
+
+class QADataset(torch.utils.data.Dataset):
+    """Processed records -> {pixel_values, prompt, target, ...}. Augmentation draws from a RNG seeded by
+    (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted run would."""
+
+    def __init__(self, records: list[dict], image_root: Path | None, dataset: str, transform: ImageTransform,
+                 seed: int = 0):
+        self.records, self.image_root, self.dataset = records, image_root, dataset
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+        image = load_image(self.image_root, r.get("image"), self.transform.image_size)
+        return {"question_id": r["question_id"], "pixel_values": self.transform(image, rng),
+                "prompt": render_prompt(r, self.dataset), "target": target_text(r),
+                "candidates": candidate_texts(r), "answer_index": r["answer_index"]}
+
+
+@dataclass
+class TrainCollator:
+    """Dynamic padding per batch (to the longest sequence in it)."""
+    processor: object
+    family: str
+    max_txt_len: int
+    max_output_txt_len: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        tok = self.processor.tokenizer
+        enc = encode_prompts(self.processor, [it["prompt"] for it in items], self.max_txt_len)
+        targets = encode_targets(self.processor, [it["target"] for it in items], self.family,
+                                 self.max_output_txt_len)
+        batch = {
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "qformer_input_ids": pad(enc["qformer_input_ids"], self.processor.qformer_tokenizer.pad_token_id),
+            "qformer_attention_mask": mask(enc["qformer_input_ids"]),
+        }
+        if self.family == "t5":
+            batch["input_ids"] = pad(enc["input_ids"], pad_id(tok))
+            batch["attention_mask"] = mask(enc["input_ids"])
+            batch["labels"] = pad(targets, IGNORE_INDEX)
+        else:
+            seqs = [p + t for p, t in zip(enc["input_ids"], targets)]
+            labels = [[IGNORE_INDEX] * len(p) + t for p, t in zip(enc["input_ids"], targets)]
+            batch["input_ids"] = pad(seqs, pad_id(tok))
+            batch["attention_mask"] = mask(seqs)
+            batch["labels"] = pad(labels, IGNORE_INDEX)
+        return batch
