@@ -27,6 +27,87 @@ def cmd_params(args) -> int:
     return 0
 
 
+def _overrides(pairs) -> dict:
+    return {k: v for k, v in (pairs or [])}
+
+
+def cmd_preprocess(args) -> int:
+    from . import runner
+
+    out = runner.preprocess(args.dataset, args.raw, args.processed)
+    print(f"{args.dataset}: processed data in {out.parent} (executed notebook: {out})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import runner
+
+    plan = runner.plan_run(args.dataset, args.id, args.preset, _overrides(args.param), args.outputs, args.processed)
+    status = runner.execute_run(plan, force=args.force)
+    if status == "skipped":
+        print(f"{args.dataset} {plan.experiment}: already finished in {plan.directory} (--force to run again)")
+    else:
+        print(f"{args.dataset} {plan.experiment}: finished; metrics, predictions, weights and executed notebooks "
+              f"in {plan.directory}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import runner
+
+    result = runner.sweep(args.dataset, args.ids, args.preset, _overrides(args.param), args.outputs, args.processed,
+                          shard=args.shard, force=args.force)
+    print(f"sweep {args.dataset} {args.ids}: {len(result.finished)} finished, {len(result.skipped)} already "
+          f"finished, {len(result.failed)} failed")
+    for exp_id, message in result.failed:
+        print(f"  failed {exp_id}: {message}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_analyze(args) -> int:
+    from . import runner
+
+    out = runner.analyze(args.outputs)
+    _print_results(out)
+    return 0
+
+
+def _print_results(analysis_dir) -> None:
+    table = analysis_dir / "results.md"
+    if table.is_file():
+        print(table.read_text(), end="")
+    print(f"results table: {table} (and results.csv); figures: "
+          f"{', '.join(str(p) for p in sorted(analysis_dir.glob('*.png')))}; "
+          f"executed notebook: {analysis_dir / '04_analysis.ipynb'}")
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from . import runner
+    from .config import load_yaml
+
+    demo = load_yaml("runner.yaml")["demo"]
+    outputs = runner.outputs_root(args.outputs) / demo["outputs_subdir"]
+    start = time.monotonic()
+    for dataset in demo["datasets"]:
+        print(f"preprocess {dataset} (bundled sample)", flush=True)
+        runner.preprocess(dataset)
+    ids = ",".join(str(i) for i in demo["experiments"])
+    failed = []
+    for dataset in demo["datasets"]:
+        print(f"run {dataset} {ids} with the {demo['preset']} preset", flush=True)
+        result = runner.sweep(dataset, ids, demo["preset"], demo.get("overrides") or {}, outputs)
+        failed += [(dataset, i, m) for i, m in result.failed]
+    print("analysis", flush=True)
+    out = runner.analyze(outputs)
+    _print_results(out)
+    print(f"demo took {time.monotonic() - start:.0f} s")
+    for dataset, exp_id, message in failed:
+        print(f"failed {dataset} {exp_id}: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructblip-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
@@ -38,6 +119,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="count on this preset instead of the experiment's real LLM")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_params)
+
+    def run_options(p, preset_default):
+        p.add_argument("--preset", default=preset_default,
+                       help=f"model preset: auto (the experiment's real model), tiny, or a name from "
+                            f"params/presets.yaml (default {preset_default})")
+        p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                       help="override a setting of params/train.yaml or data.yaml (repeatable)")
+        p.add_argument("--outputs", default=None, help="runs go to OUTPUTS/<dataset>/<id>/ "
+                                                       "(default: outputs_dir of params/paths.yaml)")
+        p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")
+        p.add_argument("--force", action="store_true", help="run again even if finished")
+
+    p = sub.add_parser("preprocess", help="raw data -> processed splits (notebook 01)")
+    p.add_argument("dataset", help="scienceqa, iconqa or custom")
+    p.add_argument("--raw", default=None, help="raw data directory (default: the bundled sample, generated "
+                                               "if missing)")
+    p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("run", help="train and evaluate one experiment (notebooks 02, 03); resumes")
+    p.add_argument("dataset")
+    p.add_argument("id", help="experiment ID (1-64) or a baseline name")
+    run_options(p, "auto")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run many experiments: skips finished ones, resumes a partial one, "
+                                     "continues past failures")
+    p.add_argument("dataset")
+    p.add_argument("ids", help="e.g. 1-32, 13,28,64 or 1-4,zeroshot-flant5xl")
+    run_options(p, "auto")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only every N-th ID starting at the K-th (1-based), e.g. one shard per GPU")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("analyze", help="collect every run into a table and figures (notebook 04)")
+    p.add_argument("--outputs", default=None, help="the runs directory (default: params/paths.yaml)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the bundled sample with the tiny presets "
+                                    "(settings: params/runner.yaml)")
+    p.add_argument("--outputs", default=None, help="the demo writes to OUTPUTS/demo/")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

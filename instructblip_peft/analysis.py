@@ -1,0 +1,227 @@
+"""Collecting finished runs into one table and the paper's figures (notebook 04, `instructblip-peft analyze`).
+
+Works with partial results: every cell of the experiment grid is present in the table; runs that have
+not finished are shown as missing, never dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .config import load_yaml
+from .experiments import get_experiment, registry
+from .io import atomic_path, write_text
+
+SCIENCEQA_CATEGORIES = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"]
+TABLE_COLUMNS = ["dataset", "experiment", "llm", "group", "label", "rank", "preset", "status", "val_accuracy",
+                 "test_accuracy", "trainable_params", "lora_params", "total_params", "full_qformer_params",
+                 "trainable_share", "best_epoch", "epochs_run", "wall_time_s", "run_dir"]
+
+
+def _experiment_order() -> dict[str, int]:
+    return {eid: i for i, eid in enumerate(registry())}
+
+
+def read_run(run_dir: Path) -> dict:
+    """One row for a run directory: its metrics when finished, else its status (running/failed)."""
+    dataset, experiment = run_dir.parent.name, run_dir.name
+    metrics_path = run_dir / "metrics.json"
+    metrics = {}
+    if metrics_path.is_file():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError:
+            metrics = {"status": "unreadable metrics.json"}
+    exp = get_experiment(experiment)
+    row = {"dataset": dataset, "experiment": experiment, "llm": exp.llm, "group": exp.group, "label": exp.label,
+           "rank": exp.rank, "status": metrics.get("status") or "unfinished", "run_dir": str(run_dir)}
+    for key in TABLE_COLUMNS:
+        if key in metrics and key not in ("dataset", "experiment", "run_dir", "status"):
+            row[key] = metrics[key]
+    if row.get("trainable_params") is not None and metrics.get("full_qformer_params"):
+        row["trainable_share"] = row["trainable_params"] / metrics["full_qformer_params"]
+    for split in ("val", "test"):
+        for cat, acc in (metrics.get(f"{split}_breakdown") or {}).items():
+            row[f"{split}:{cat}"] = acc
+    return row
+
+
+def collect_runs(outputs_dir: str | Path) -> pd.DataFrame:
+    """Every run under outputs_dir/<dataset>/<experiment id>/ (finished or not), one row each."""
+    outputs_dir = Path(outputs_dir)
+    known = set(registry())
+    rows = []
+    if outputs_dir.is_dir():
+        for run_dir in sorted(p for p in outputs_dir.glob("*/*") if p.is_dir()):
+            if run_dir.name in known and any(run_dir.iterdir()):
+                rows.append(read_run(run_dir))
+    df = pd.DataFrame(rows)
+    for col in TABLE_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series(dtype="object")
+    if df.empty:
+        return df[TABLE_COLUMNS]
+    order = _experiment_order()
+    df["_order"] = df["experiment"].map(order)
+    df = df.sort_values(["dataset", "_order"]).drop(columns="_order").reset_index(drop=True)
+    extra = [c for c in df.columns if c not in TABLE_COLUMNS]
+    return df[TABLE_COLUMNS + extra]
+
+
+def finished(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "finished"]
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The readable table: one row per run, accuracies in percent."""
+    cols = ["dataset", "experiment", "llm", "label", "rank", "preset", "status", "val_accuracy", "test_accuracy",
+            "trainable_params", "trainable_share"]
+    out = df[cols].copy()
+    for c in ("val_accuracy", "test_accuracy", "trainable_share"):
+        out[c] = pd.to_numeric(out[c], errors="coerce") * 100
+    out = out.rename(columns={"val_accuracy": "val acc %", "test_accuracy": "test acc %",
+                              "trainable_share": "trainable % of full Q-Former"})
+    out["rank"] = out["rank"].map(lambda r: "-" if r is None or (isinstance(r, float) and math.isnan(r)) else int(r))
+    return out
+
+
+def accuracy_grid(df: pd.DataFrame, dataset: str, llm: str, metric: str = "test_accuracy") -> pd.DataFrame:
+    """Group (rows, in experiments.yaml order) x rank (columns) of `metric`; NaN where a run is missing."""
+    spec = load_yaml("experiments.yaml")
+    groups = [g["label"] for g in spec["groups"]]
+    ranks = [int(r) for r in spec["ranks"]]
+    grid = pd.DataFrame(float("nan"), index=pd.Index(groups, name="group"), columns=pd.Index(ranks, name="rank"))
+    sel = finished(df)
+    sel = sel[(sel["dataset"] == dataset) & (sel["llm"] == llm) & sel["rank"].notna()]
+    for _, r in sel.iterrows():
+        grid.loc[r["label"], int(r["rank"])] = float(r[metric])
+    return grid
+
+
+def _llms() -> list[tuple[str, str]]:
+    return [(x["name"], x["label"]) for x in load_yaml("experiments.yaml")["llms"]]
+
+
+def plot_heatmaps(df: pd.DataFrame, metric: str = "test_accuracy"):
+    """Accuracy by group x rank, one panel per dataset (rows) and LLM (columns). Missing runs are grey."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    datasets = sorted(df["dataset"].dropna().unique()) or ["(no runs)"]
+    llms = _llms()
+    fig, axes = plt.subplots(len(datasets), len(llms), figsize=(5.5 * len(llms), 4.2 * len(datasets)),
+                             squeeze=False)
+    for i, ds in enumerate(datasets):
+        for j, (llm, llm_label) in enumerate(llms):
+            ax = axes[i][j]
+            grid = accuracy_grid(df, ds, llm, metric) * 100
+            ax.set_facecolor("#e6e6e6")  # what shows through the masked (missing) cells
+            sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", vmin=0, vmax=100, cmap="viridis",
+                        mask=grid.isna(), cbar=j == len(llms) - 1, cbar_kws={"label": "accuracy %"})
+            for (r, c) in zip(*grid.isna().to_numpy().nonzero()):
+                ax.text(c + 0.5, r + 0.5, "missing", ha="center", va="center", fontsize=7, color="#777777")
+            ax.set_title(f"{ds} - {llm_label}")
+            ax.set_xlabel("LoRA rank")
+            ax.set_ylabel("" if j else "group")
+    fig.tight_layout()
+    return fig
+
+
+def plot_share(df: pd.DataFrame, metric: str = "test_accuracy"):
+    """Accuracy against trainable share of the full Q-Former (log x), with the full-Q-Former fine-tuning
+    and zero-shot baselines as horizontal reference lines."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    done = finished(df).copy()
+    datasets = sorted(done["dataset"].unique()) or ["(no runs)"]
+    llms = _llms()
+    fig, axes = plt.subplots(len(datasets), len(llms), figsize=(6 * len(llms), 4.2 * len(datasets)), squeeze=False)
+    for i, ds in enumerate(datasets):
+        for j, (llm, llm_label) in enumerate(llms):
+            ax = axes[i][j]
+            sel = done[(done["dataset"] == ds) & (done["llm"] == llm)]
+            lora = sel[sel["rank"].notna()].copy()
+            lora["accuracy %"] = lora[metric].astype(float) * 100
+            lora["trainable share %"] = lora["trainable_share"].astype(float) * 100
+            if not lora.empty:
+                sns.scatterplot(data=lora, x="trainable share %", y="accuracy %", hue="label", size="rank",
+                                sizes=(30, 160), ax=ax, legend=j == len(llms) - 1)
+                ax.set_xscale("log")
+            for group, style in (("qformer-ft", "-"), ("zeroshot", ":")):
+                base = sel[sel["group"] == group]
+                if not base.empty:
+                    ax.axhline(float(base[metric].iloc[0]) * 100, color="black", ls=style, lw=1,
+                               label=base["label"].iloc[0])
+            ax.set_title(f"{ds} - {llm_label}")
+            ax.set_xlabel("trainable parameters, % of full Q-Former fine-tuning (log)")
+            ax.set_ylabel("accuracy %")
+            if lora.empty and sel.empty:
+                ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+            if j == len(llms) - 1 and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def category_table(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """ScienceQA accuracy (%) per question category, one row per finished run."""
+    sel = finished(df)
+    sel = sel[sel["dataset"] == "scienceqa"]
+    cols = [f"{split}:{c}" for c in SCIENCEQA_CATEGORIES]
+    out = pd.DataFrame(index=pd.Index([_run_name(r) for _, r in sel.iterrows()], name="run"),
+                       columns=SCIENCEQA_CATEGORIES, dtype=float)
+    for name, (_, r) in zip(out.index, sel.iterrows()):
+        for cat, col in zip(SCIENCEQA_CATEGORIES, cols):
+            if col in r and pd.notna(r[col]):
+                out.loc[name, cat] = float(r[col]) * 100
+    return out
+
+
+def _run_name(row) -> str:
+    rank = "" if pd.isna(row["rank"]) else f" r{int(row['rank'])}"
+    return f"{row['experiment']}: {row['label']}{rank}"
+
+
+def plot_categories(df: pd.DataFrame, split: str = "test"):
+    """ScienceQA category bars (NAT, SOC, LAN, TXT, IMG, NO, G1-6, G7-12) per finished run."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    table = category_table(df, split)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    if table.empty:
+        ax.text(0.5, 0.5, "no finished ScienceQA runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    long = table.reset_index().melt(id_vars="run", var_name="category", value_name="accuracy %")
+    sns.barplot(data=long, x="category", y="accuracy %", hue="run", ax=ax)
+    ax.set_ylim(0, 100)
+    ax.set_title(f"ScienceQA {split} accuracy by category")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    """results.csv (every column), results.md (the summary table) and the three figures as PNG."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = {"csv": out_dir / "results.csv", "markdown": out_dir / "results.md"}
+    write_text(paths["csv"], df.to_csv(index=False))
+    write_text(paths["markdown"], summary_table(df).to_markdown(index=False, floatfmt=".2f") + "\n")
+    for name, plot in (("heatmap", plot_heatmaps), ("share", plot_share), ("scienceqa_categories", plot_categories)):
+        fig = plot(df)
+        paths[name] = save_figure(fig, out_dir / f"{name}.png")
+        plt.close(fig)
+    return paths

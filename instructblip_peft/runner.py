@@ -1,0 +1,255 @@
+"""Executing the notebooks with papermill: the executed notebook is the record of a step.
+
+preprocess -> 01 into <processed>/<dataset>/; run -> 02 and 03 into <outputs>/<dataset>/<id>/;
+sweep -> many runs; analyze -> 04 into <outputs>/analysis/. Everything is validated before a notebook starts.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import REPO_DIR, load_yaml, path_setting, validate_overrides
+from .errors import UserError
+from .experiments import get_experiment, parse_ids
+
+NOTEBOOK_DIR = REPO_DIR / "notebooks"
+# Settings that are also notebook parameters of their own (small defaults so notebooks run in seconds);
+# the runner always passes them, 0 meaning "no limit", so a CLI run is never cut short by a default.
+LIMIT_PARAMETERS = ("max_steps", "max_eval_samples")
+
+
+def runner_settings() -> dict:
+    return load_yaml("runner.yaml")
+
+
+def dataset_names() -> list[str]:
+    return [k for k in load_yaml("data.yaml")["templates"] if k != "target"]
+
+
+def check_dataset(dataset: str) -> str:
+    if dataset not in dataset_names():
+        raise UserError(f"unknown dataset '{dataset}'. Valid datasets: {', '.join(dataset_names())}")
+    return dataset
+
+
+def outputs_root(outputs_dir: str | Path | None = None) -> Path:
+    return Path(outputs_dir).expanduser().resolve() if outputs_dir else path_setting("outputs_dir")
+
+
+def processed_root(processed_dir: str | Path | None = None) -> Path:
+    return Path(processed_dir).expanduser().resolve() if processed_dir else path_setting("processed_dir")
+
+
+def run_dir(dataset: str, experiment: str, outputs_dir: str | Path | None = None) -> Path:
+    return outputs_root(outputs_dir) / dataset / str(experiment)
+
+
+def analysis_dir(outputs_dir: str | Path | None = None) -> Path:
+    return outputs_root(outputs_dir) / runner_settings()["analysis_subdir"]
+
+
+def engine_overrides(max_steps=0, max_eval_samples=0, overrides: dict | None = None) -> dict:
+    """The settings overrides a notebook passes to the engine: its limit parameters (0/None: no limit)
+    plus any other overrides, all validated against params/."""
+    limits = {"max_steps": max_steps or None, "max_eval_samples": max_eval_samples or None}
+    merged = {**{k: v for k, v in limits.items() if v}, **(overrides or {})}
+    return validate_overrides(merged)
+
+
+def notebook_parameters(overrides: dict) -> dict:
+    """Split validated overrides into papermill parameters: the limit parameters travel on their own
+    (0 when unset), the rest in the `overrides` dict."""
+    rest = dict(overrides)
+    params = {k: rest.pop(k, None) or 0 for k in LIMIT_PARAMETERS}
+    params["overrides"] = rest
+    return params
+
+
+# ---------------------------------------------------------------- executing one notebook
+
+class NotebookFailed(UserError):
+    """A notebook stopped with an error; says which notebook and cell, and where the executed copy is."""
+
+    def __init__(self, notebook: str, output: Path, cell: int | None, ename: str, evalue: str):
+        self.notebook, self.output, self.cell, self.ename, self.evalue = notebook, output, cell, ename, evalue
+        where = f"cell {cell}" if cell is not None else "start-up"
+        # A UserError raised inside the notebook already is one clear line: show it as is.
+        what = evalue if ename == "UserError" else f"{ename}: {evalue}"
+        super().__init__(f"{notebook} failed at {where}: {what.strip().splitlines()[-1] if what.strip() else ename}"
+                         f" (executed notebook: {output})")
+
+
+def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = True) -> Path:
+    """Run notebooks/<notebook> with `parameters` into `output` (kept also when it fails)."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    settings = runner_settings()
+    name = settings["notebooks"][notebook_key]
+    source = NOTEBOOK_DIR / name
+    if not source.is_file():
+        raise UserError(f"notebook {source} not found")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=settings["kernel_name"],
+                            cwd=str(NOTEBOOK_DIR), progress_bar=progress and _interactive(), log_output=False)
+    except PapermillExecutionError as e:
+        raise NotebookFailed(name, output, _cell_number(output, e.exec_count), e.ename, e.evalue) from None
+    except Exception as e:  # kernel missing, kernel died, ... (papermill/jupyter_client errors)
+        if "No such kernel" in str(e) or type(e).__name__ == "NoSuchKernel":
+            raise UserError(f"jupyter kernel '{settings['kernel_name']}' is not installed: run "
+                            f"`python -m ipykernel install --sys-prefix --name {settings['kernel_name']}`") from None
+        if type(e).__module__.split(".")[0] in ("papermill", "nbclient", "jupyter_client"):
+            raise NotebookFailed(name, output, None, type(e).__name__, str(e)) from None
+        raise
+    return output
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _cell_number(output: Path, exec_count) -> int | None:
+    """The failing cell's position among code cells (1-based, as JupyterLab shows them), from the
+    executed notebook papermill wrote."""
+    try:
+        cells = [c for c in json.loads(output.read_text())["cells"] if c["cell_type"] == "code"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for i, c in enumerate(cells, 1):
+        if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
+            return i
+    return exec_count
+
+
+# ---------------------------------------------------------------- steps
+
+def preprocess(dataset: str, raw_dir: str | Path | None = None, processed_dir: str | Path | None = None,
+               progress: bool = True) -> Path:
+    """01_preprocess into <processed>/<dataset>/01_preprocess.ipynb; raw None: the bundled sample."""
+    check_dataset(dataset)
+    raw = str(Path(raw_dir).expanduser().resolve()) if raw_dir else ""
+    if raw and not Path(raw).is_dir():
+        raise UserError(f"raw data directory {raw} not found")
+    out = processed_root(processed_dir) / dataset / runner_settings()["notebooks"]["preprocess"]
+    return execute("preprocess", out, {"dataset": dataset, "raw_dir": raw,
+                                       "processed_dir": str(processed_root(processed_dir))}, progress)
+
+
+def is_finished(path: Path) -> bool:
+    metrics = path / "metrics.json"
+    if not metrics.is_file():
+        return False
+    try:
+        return json.loads(metrics.read_text()).get("status") == "finished"
+    except json.JSONDecodeError:
+        return False
+
+
+@dataclass
+class RunPlan:
+    dataset: str
+    experiment: str
+    preset: str
+    overrides: dict = field(default_factory=dict)
+    outputs_dir: Path | None = None
+    processed_dir: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        return run_dir(self.dataset, self.experiment, self.outputs_dir)
+
+
+def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrides: dict | None = None,
+             outputs_dir=None, processed_dir=None) -> RunPlan:
+    """Check everything a run needs before any notebook starts (unknown dataset/ID/preset/setting,
+    missing processed data) and return what to execute."""
+    from .model import preset_for
+
+    check_dataset(dataset)
+    exp = get_experiment(experiment)
+    preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
+    overrides = validate_overrides(overrides)
+    processed = processed_root(processed_dir)
+    if not (processed / dataset / "manifest.json").is_file():
+        raise UserError(f"no processed {dataset} data in {processed / dataset}: run "
+                        f"`instructblip-peft preprocess {dataset}` first")
+    return RunPlan(dataset, exp.id, preset or "auto", overrides,
+                   outputs_root(outputs_dir), processed)
+
+
+def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> str:
+    """02_train then 03_evaluate into the run directory. Returns "finished" or "skipped" (already
+    finished: nothing is executed). An unfinished run resumes from its checkpoint (train() does that)."""
+    names = runner_settings()["notebooks"]
+    directory = plan.directory
+    if not force and is_finished(directory) and all((directory / names[k]).is_file() for k in ("train", "evaluate")):
+        return "skipped"
+    params = {"dataset": plan.dataset, "experiment": plan.experiment, "preset": plan.preset,
+              "outputs_dir": str(plan.outputs_dir), "processed_dir": str(plan.processed_dir),
+              **notebook_parameters(plan.overrides)}
+    execute("train", directory / names["train"], {**params, "force": bool(force)}, progress)
+    execute("evaluate", directory / names["evaluate"], params, progress)
+    return "finished"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'K/N' (1-based: 1/4 is the first of four shards) -> (K, N)."""
+    if not text:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"bad --shard '{text}': expected K/N, e.g. 1/4 for the first of four shards") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise UserError(f"bad --shard '{text}': K must be between 1 and N (1-based)")
+    return k, n
+
+
+def shard_ids(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
+    if shard is None:
+        return ids
+    k, n = shard
+    return ids[k - 1::n]
+
+
+@dataclass
+class SweepResult:
+    finished: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)   # (id, message)
+
+
+def sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overrides: dict | None = None,
+          outputs_dir=None, processed_dir=None, shard: str | None = None, force: bool = False,
+          progress: bool = True, log=print) -> SweepResult:
+    """Run many experiments; finished ones are skipped, a partial one resumes, a failing one is
+    reported and the sweep goes on."""
+    id_list = parse_ids(ids) if isinstance(ids, str) else list(ids)
+    id_list = shard_ids(id_list, parse_shard(shard))
+    plans = [plan_run(dataset, i, preset, overrides, outputs_dir, processed_dir) for i in id_list]
+    result = SweepResult()
+    for n, plan in enumerate(plans, 1):
+        start = time.monotonic()
+        log(f"[{n}/{len(plans)}] {plan.dataset} {plan.experiment}: {plan.directory}")
+        try:
+            status = execute_run(plan, force=force, progress=progress)
+        except UserError as e:
+            result.failed.append((plan.experiment, str(e)))
+            log(f"[{n}/{len(plans)}] {plan.dataset} {plan.experiment}: FAILED: {e}")
+            continue
+        (result.finished if status == "finished" else result.skipped).append(plan.experiment)
+        what = "done" if status == "finished" else "already finished, skipped"
+        log(f"[{n}/{len(plans)}] {plan.dataset} {plan.experiment}: {what} ({time.monotonic() - start:.0f} s)")
+    return result
+
+
+def analyze(outputs_dir=None, progress: bool = True) -> Path:
+    """04_analysis over every run under outputs_dir; returns the analysis directory."""
+    out = analysis_dir(outputs_dir)
+    execute("analysis", out / runner_settings()["notebooks"]["analysis"],
+            {"outputs_dir": str(outputs_root(outputs_dir))}, progress)
+    return out

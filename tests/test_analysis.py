@@ -1,0 +1,62 @@
+"""The results table and figures from hand-made run directories (no training)."""
+import json
+
+import pandas as pd
+
+from instructblip_peft import analysis
+
+
+def fake_run(outputs, dataset, experiment, test_acc, trainable=1000, status="finished"):
+    d = outputs / dataset / experiment
+    d.mkdir(parents=True)
+    breakdown = {"NAT": 0.5, "SOC": 0.25, "LAN": 1.0, "IMG": 0.5, "G1-6": 0.5} if dataset == "scienceqa" else {}
+    (d / "metrics.json").write_text(json.dumps({
+        "dataset": dataset, "experiment": experiment, "preset": "tiny-t5", "status": status,
+        "val_accuracy": test_acc, "test_accuracy": test_acc, "val_breakdown": breakdown,
+        "test_breakdown": breakdown, "trainable_params": trainable, "lora_params": 10, "total_params": 10**6,
+        "full_qformer_params": 10**4, "best_epoch": 1, "epochs_run": 1}))
+    return d
+
+
+def test_partial_results_show_missing_cells_and_write_every_file(tmp_path):
+    outputs = tmp_path / "outputs"
+    fake_run(outputs, "scienceqa", "15", 0.5)
+    fake_run(outputs, "scienceqa", "zeroshot-flant5xl", 0.25, trainable=0)
+    fake_run(outputs, "scienceqa", "qformer-ft-flant5xl", 0.75, trainable=10**4)
+    fake_run(outputs, "iconqa", "40", 0.6)
+    (outputs / "scienceqa" / "16").mkdir()          # a started run: listed as unfinished
+    (outputs / "scienceqa" / "16" / "train_log.csv").write_text("step,epoch,loss,lr\n")
+    (outputs / "analysis").mkdir()                   # not a run directory
+
+    df = analysis.collect_runs(outputs)
+    assert set(df["experiment"]) == {"15", "16", "zeroshot-flant5xl", "qformer-ft-flant5xl", "40"}
+    assert df.set_index("experiment").loc["16", "status"] == "unfinished"
+    assert df.set_index("experiment").loc["15", "trainable_share"] == 0.1
+
+    grid = analysis.accuracy_grid(df, "scienceqa", "flant5xl")
+    assert grid.shape == (8, 4)
+    assert grid.loc["Q-Former LoRA ffn", 4] == 0.5          # ID 15: Q-Former ffn, rank 4
+    assert grid.isna().sum().sum() == 31                     # everything else is missing
+
+    paths = analysis.write_report(df, tmp_path / "analysis")
+    for key in ("csv", "markdown", "heatmap", "share", "scienceqa_categories"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    table = pd.read_csv(paths["csv"])
+    assert len(table) == 5
+    assert "| scienceqa" in paths["markdown"].read_text()
+
+
+def test_no_runs_at_all_still_gives_an_empty_table_and_figures(tmp_path):
+    df = analysis.collect_runs(tmp_path / "nothing")
+    assert df.empty
+    paths = analysis.write_report(df, tmp_path / "analysis")
+    assert paths["heatmap"].is_file()
+
+
+def test_category_table_lists_scienceqa_runs_only(tmp_path):
+    fake_run(tmp_path, "scienceqa", "15", 0.5)
+    fake_run(tmp_path, "iconqa", "15", 0.5)
+    table = analysis.category_table(analysis.collect_runs(tmp_path))
+    assert list(table.index) == ["15: Q-Former LoRA ffn r4"]
+    assert table.loc["15: Q-Former LoRA ffn r4", "LAN"] == 100.0
+    assert pd.isna(table.loc["15: Q-Former LoRA ffn r4", "TXT"])
