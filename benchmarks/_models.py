@@ -59,7 +59,7 @@ _WORDS = ("which of these states is farthest north the map shows a property of t
 
 
 def scienceqa_like_records(n: int, n_choices: int | tuple[int, int] = 4, seed: int = 0,
-                           context_words: int = 24) -> list[dict]:
+                           context_words: int = 10) -> list[dict]:
     """Processed ScienceQA-shaped records with ~128-token prompts (text-only: blank image)."""
     rng = random.Random(seed)
     out = []
@@ -69,7 +69,7 @@ def scienceqa_like_records(n: int, n_choices: int | tuple[int, int] = 4, seed: i
         answer = rng.randrange(k)
         out.append({
             "question_id": f"bench-{i}", "image": None,
-            "question": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14))) + "?",
+            "question": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 10))) + "?",
             "choices": choices, "answer_index": answer, "answer": f"({'abcde'[answer]}) {choices[answer]}",
             "context": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(context_words // 2, context_words))),
             "meta": {"subject": "natural science", "grade": f"grade{rng.randint(1, 12)}", "has_hint": True,
