@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -189,3 +190,47 @@ class TrainCollator:
             batch["attention_mask"] = mask(seqs)
             batch["labels"] = pad(labels, IGNORE_INDEX)
         return batch
+
+
+# ---------------------------------------------------------------- data order
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None,
+                  group_by_length: bool = False, megabatch_factor: int = 50) -> list[list[int]]:
+    """The batches (lists of record indices) of one epoch: a permutation seeded by (seed, epoch), so any
+    epoch's order can be rebuilt on resume and the consumed batches skipped.
+
+    group_by_length: within megabatches of `megabatch_factor` batches, sort by length (longest first) so a
+    batch pads little, then shuffle the batch order (the same trick as transformers' LengthGroupedSampler).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_items).tolist()
+    if group_by_length:
+        if lengths is None or len(lengths) != num_items:
+            raise ValueError("group_by_length needs one length per item")
+        size = batch_size * megabatch_factor
+        order = [i for start in range(0, num_items, size)
+                 for i in sorted(order[start:start + size], key=lambda j: -lengths[j])]
+    batches = [order[i:i + batch_size] for i in range(0, num_items, batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# ---------------------------------------------------------------- length-grouped batches
+
+def prompt_lengths(processor, records: list[dict], dataset: str, max_txt_len: int) -> list[int]:
+    """LLM-side prompt length in tokens of each record after truncation, image placeholders not counted
+    (what dynamic padding is sized by)."""
+    prompts = [render_prompt(r, dataset) for r in records]
+    n_query = processor.num_query_tokens
+    return [len(ids) - n_query for ids in encode_prompts(processor, prompts, max_txt_len)["input_ids"]]
+
+
+def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int, epoch: int = 0):
+    """transformers' LengthGroupedSampler (random mega-batches of 50 batches, each sorted by length, the
+    longest batch first), drawn from (seed, epoch) so a resumed run sees the same order. Batches then
+    hold prompts of similar length and dynamic padding removes most pad tokens (benchmarks/train_step.py)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return LengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)

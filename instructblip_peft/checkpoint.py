@@ -1,0 +1,230 @@
+"""Resume state of a training run, written so that a kill at any moment leaves a usable one.
+
+A checkpoint directory holds
+- `trainable.safetensors`: every trainable tensor (LoRA and the other trained tensors), by name;
+- `optimizer.safetensors`: the optimizer's per-parameter tensors (AdamW moments and step counts);
+- `rng.safetensors`: the torch CPU and CUDA generator states;
+- `state.json`: everything else (epoch, position in the epoch, step, best-so-far, history, optimizer
+  hyper-parameters, python/numpy RNG states, loss-scaler state).
+No pickle anywhere: tensors are safetensors, the rest JSON.
+
+Directories cannot be renamed over a non-empty directory, so `write_dir` writes `<name>.tmp/`, moves the
+old `<name>/` aside to `<name>.old/`, renames the new one into place and only then deletes the old one;
+`existing_dir` falls back to `<name>.old/` when a kill hit between the two renames.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .io import atomic_path, write_json
+
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+STATE = "state.json"
+LOCK = "run.lock"
+
+
+# ---------------------------------------------------------------- atomic directories
+
+@contextlib.contextmanager
+def write_dir(path: str | os.PathLike):
+    """Yield a fresh temporary directory; on success it replaces `path` as a whole."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def existing_dir(path: str | os.PathLike) -> Path | None:
+    """`path` if it is complete, else the previous version a kill left in `<name>.old/`, else None."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / STATE).is_file():
+            return candidate
+    return None
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: not found (incomplete run directory?)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{path}: cannot read tensors ({e})") from None
+
+
+# ---------------------------------------------------------------- optimizer state
+
+def optimizer_tensors_and_meta(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and JSON-able hyper-parameters."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------- RNG state
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------- whole checkpoints
+
+def save_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, state: dict,
+                    scaler=None) -> None:
+    """Write a complete checkpoint to `path` (atomically, as a directory)."""
+    opt_tensors, opt_meta = optimizer_tensors_and_meta(optimizer)
+    rng_tensors, rng_meta = rng_state()
+    full_state = dict(state, optimizer=opt_meta, rng=rng_meta,
+                      scaler=scaler.state_dict() if scaler is not None else None)
+    with write_dir(path) as tmp:
+        save_tensors(tmp / TRAINABLE, trainable)
+        save_tensors(tmp / OPTIMIZER, opt_tensors)
+        save_tensors(tmp / RNG, rng_tensors)
+        write_json(tmp / STATE, full_state, indent=None)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """{'trainable': tensors, 'optimizer': state_dict, 'rng': (tensors, meta), 'state': dict}."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path / STATE}: cannot read the checkpoint ({e}); delete {path} or pass force=True "
+                        "to start over") from None
+    return {"trainable": load_tensors(path / TRAINABLE),
+            "optimizer": optimizer_state_dict(load_tensors(path / OPTIMIZER), state.pop("optimizer")),
+            "rng": (load_tensors(path / RNG), state.pop("rng")),
+            "scaler": state.pop("scaler", None),
+            "state": state}
+
+
+def load_into(named_params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], source) -> None:
+    """Copy saved tensors into the model's parameters; every name must match both ways."""
+    missing, unexpected = set(named_params) - set(tensors), set(tensors) - set(named_params)
+    if missing or unexpected:
+        raise UserError(f"{source}: saved tensors do not match the model (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}); was it written by another experiment/preset?")
+    with torch.no_grad():
+        for name, p in named_params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+
+
+# ---------------------------------------------------------------- run lock
+
+class RunLock:
+    """One run per output directory. flock is released by the kernel when the holder dies, so a lock
+    file left by a killed run never blocks; the PID inside only serves the error message."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use output directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"output directory {self.path.parent} is in use by another run (pid {holder}); "
+                            "wait for it to finish or choose another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            # The file stays: unlinking it would let a third run lock a new inode while a second holds the old.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False

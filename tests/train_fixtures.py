@@ -1,0 +1,54 @@
+"""A small processed dataset for training tests: colour questions on solid-colour images.
+
+The answer is the image's colour, so a model that learns to look at the image beats chance.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from instructblip_peft.io import write_json
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
+
+
+def colour_records(n: int, split: str, rng: random.Random) -> list[dict]:
+    names = list(COLOURS)
+    out = []
+    for i in range(n):
+        colour = rng.choice(names)
+        choices = rng.sample(names, 2)
+        if colour not in choices:
+            choices[rng.randrange(2)] = colour
+        answer = choices.index(colour)
+        out.append({"question_id": f"{split}-{i}", "image": f"{colour}.png",
+                    "question": "Which color is the picture?", "choices": choices, "answer_index": answer,
+                    "answer": f"({'ab'[answer]}) {colour}", "context": "",
+                    "meta": {"subject": "natural science", "grade": "grade3", "has_hint": False,
+                             "has_image": True, "topic": "colors", "category": "colour"}})
+    return out
+
+
+def make_colour_dataset(root: Path, n_train: int = 32, n_eval: int = 16, seed: int = 0) -> Path:
+    """`root/scienceqa/` in the processed layout (train/val/test.json + manifest.json)."""
+    rng = random.Random(seed)
+    d = Path(root) / "scienceqa"
+    images = d / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (40, 40), rgb).save(images / f"{name}.png")
+    counts = {}
+    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+        records = colour_records(n, split, rng)
+        write_json(d / f"{split}.json", records)
+        counts[split] = n
+    write_json(d / "manifest.json", {"dataset": "scienceqa", "source": "test", "image_root": str(images.absolute()),
+                                     "counts": counts, "options": {}, "dropped": {}})
+    return d
+
+
+# Fast settings for tests: few samples, frequent checkpoints and logs, no augmentation noise in order.
+FAST = dict(epochs=2, batch_size=4, grad_accum_steps=1, max_train_samples=16, max_eval_samples=8,
+            eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2)
