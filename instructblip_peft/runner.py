@@ -95,9 +95,13 @@ def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = 
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=settings["kernel_name"],
-                            cwd=str(NOTEBOOK_DIR), progress_bar=progress and _interactive(), log_output=False)
+                            cwd=str(NOTEBOOK_DIR), progress_bar=progress and _interactive(), log_output=False,
+                            # The kernel's start-up warnings (plain-TCP transport on localhost) are noise here.
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as e:
         raise NotebookFailed(name, output, _cell_number(output, e.exec_count), e.ename, e.evalue) from None
+    except OSError as e:  # the executed notebook cannot be written (a directory in its place, no space, ...)
+        raise UserError(f"{name}: cannot write the executed notebook {output}: {e.strerror or e}") from None
     except Exception as e:  # kernel missing, kernel died, ... (papermill/jupyter_client errors)
         if "No such kernel" in str(e) or type(e).__name__ == "NoSuchKernel":
             raise UserError(f"jupyter kernel '{settings['kernel_name']}' is not installed: run "
@@ -188,11 +192,11 @@ def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> st
     directory = plan.directory
     if not force and is_finished(directory) and all((directory / names[k]).is_file() for k in ("train", "evaluate")):
         return "skipped"
-    params = {"dataset": plan.dataset, "experiment": plan.experiment, "preset": plan.preset,
-              "outputs_dir": str(plan.outputs_dir), "processed_dir": str(plan.processed_dir),
-              **notebook_parameters(plan.overrides)}
-    execute("train", directory / names["train"], {**params, "force": bool(force)}, progress)
-    execute("evaluate", directory / names["evaluate"], params, progress)
+    where = {"dataset": plan.dataset, "experiment": plan.experiment, "outputs_dir": str(plan.outputs_dir),
+             "processed_dir": str(plan.processed_dir)}
+    execute("train", directory / names["train"], {**where, "preset": plan.preset, "force": bool(force),
+                                                  **notebook_parameters(plan.overrides)}, progress)
+    execute("evaluate", directory / names["evaluate"], where, progress)
     return "finished"
 
 

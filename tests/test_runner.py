@@ -1,0 +1,61 @@
+"""The papermill runner on trivial notebooks: parameters in, failures reported with notebook and cell."""
+import json
+
+import nbformat
+import pytest
+
+from instructblip_peft import runner
+from instructblip_peft.errors import UserError
+
+
+def test_limit_parameters_zero_means_no_limit_and_unknown_keys_fail():
+    assert runner.engine_overrides(0, 0, {}) == {}
+    assert runner.engine_overrides(2, None, {"seed": "3"}) == {"max_steps": 2, "seed": 3}
+    with pytest.raises(UserError, match="unknown setting 'nope'"):
+        runner.engine_overrides(0, 0, {"nope": 1})
+
+
+def test_overrides_travel_as_notebook_parameters():
+    params = runner.notebook_parameters({"max_steps": 2, "learning_rate": 1e-4})
+    assert params == {"max_steps": 2, "max_eval_samples": 0, "overrides": {"learning_rate": 1e-4}}
+
+
+def test_shards_split_the_list_without_overlap():
+    ids = [str(i) for i in range(1, 11)]
+    shards = [runner.shard_ids(ids, runner.parse_shard(f"{k}/3")) for k in (1, 2, 3)]
+    assert sorted(sum(shards, []), key=int) == ids
+    assert shards[0] == ["1", "4", "7", "10"]
+    for bad in ("0/3", "4/3", "x", "1/0"):
+        with pytest.raises(UserError, match="--shard"):
+            runner.parse_shard(bad)
+
+
+@pytest.fixture
+def trivial_notebooks(tmp_path, monkeypatch):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('value = 1\nfail = False')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("doubled = value * 2\nprint('doubled', doubled)"),
+                nbformat.v4.new_code_cell("if fail:\n    raise ValueError(f'bad value {value}')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nb").mkdir()
+    nbformat.write(nb, tmp_path / "nb" / "trivial.ipynb")
+    settings = {**runner.runner_settings(), "notebooks": {"trivial": "trivial.ipynb"}}
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path / "nb")
+    monkeypatch.setattr(runner, "runner_settings", lambda: settings)
+    return tmp_path
+
+
+def test_parameters_reach_the_notebook_and_a_failure_names_notebook_cell_and_record(trivial_notebooks):
+    out = trivial_notebooks / "runs" / "ok.ipynb"
+    runner.execute("trivial", out, {"value": 21}, progress=False)
+    outputs = json.loads(out.read_text())["cells"][2]["outputs"]   # after papermill's injected cell
+    assert "doubled 42" in "".join(outputs[0]["text"])
+
+    failed = trivial_notebooks / "runs" / "failed.ipynb"
+    with pytest.raises(runner.NotebookFailed) as e:
+        runner.execute("trivial", failed, {"value": 5, "fail": True}, progress=False)
+    message = str(e.value)
+    assert "trivial.ipynb failed at cell 4" in message       # parameters, injected, doubled, raise
+    assert "ValueError: bad value 5" in message
+    assert str(failed) in message and failed.is_file()       # the executed notebook is kept to look at
