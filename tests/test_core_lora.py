@@ -197,5 +197,5 @@ def test_id_ranges():
     assert len(parse_ids("1-64")) == 64
     with pytest.raises(UserError, match="start is after end"):
         parse_ids("9-3")
-    with pytest.raises(UserError, match="unknown experiment ID '70'"):
+    with pytest.raises(UserError, match="unknown experiment ID '65'"):
         parse_ids("60-70")
