@@ -39,7 +39,9 @@ def read_run(run_dir: Path) -> dict:
     row = {"dataset": dataset, "experiment": experiment, "llm": exp.llm, "group": exp.group, "label": exp.label,
            "rank": exp.rank, "status": metrics.get("status") or "unfinished", "run_dir": str(run_dir)}
     for key in TABLE_COLUMNS:
-        if key in metrics and key not in ("dataset", "experiment", "run_dir", "status"):
+        # Identity columns come from the registry (metrics.json's "group" is the human label).
+        if key in metrics and key not in ("dataset", "experiment", "llm", "group", "label", "rank", "run_dir",
+                                          "status"):
             row[key] = metrics[key]
     if row.get("trainable_params") is not None and metrics.get("full_qformer_params"):
         row["trainable_share"] = row["trainable_params"] / metrics["full_qformer_params"]

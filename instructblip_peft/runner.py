@@ -6,6 +6,7 @@ sweep -> many runs; analyze -> 04 into <outputs>/analysis/. Everything is valida
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -113,7 +114,13 @@ def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = 
 
 
 def _interactive() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr.isatty() and process_rank() == 0
+
+
+def process_rank() -> int:
+    """This process's rank under `accelerate launch`/torchrun (0 otherwise). The notebook kernels
+    inherit the launcher's environment, so train() inside them joins the process group."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _cell_number(output: Path, exec_count) -> int | None:
@@ -194,9 +201,13 @@ def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> st
         return "skipped"
     where = {"dataset": plan.dataset, "experiment": plan.experiment, "outputs_dir": str(plan.outputs_dir),
              "processed_dir": str(plan.processed_dir)}
-    execute("train", directory / names["train"], {**where, "preset": plan.preset, "force": bool(force),
-                                                  **notebook_parameters(plan.overrides)}, progress)
-    execute("evaluate", directory / names["evaluate"], where, progress)
+    rank = process_rank()
+    # Under a multi-process launch every rank runs the training notebook; only rank 0's copy is the record.
+    train_record = directory / names["train"] if rank == 0 else directory / f".rank{rank}" / names["train"]
+    execute("train", train_record, {**where, "preset": plan.preset, "force": bool(force),
+                                    **notebook_parameters(plan.overrides)}, progress)
+    if rank == 0:
+        execute("evaluate", directory / names["evaluate"], where, progress)
     return "finished"
 
 
