@@ -375,7 +375,7 @@ class _Run:
                     if at_log:
                         mean = (window_sum / state["window_count"]).item()
                         if writer is not None:
-                            writer.writerow([step, epoch + 1, f"{mean:.6g}", f"{lr:.6g}"])
+                            writer.writerow([step, epoch + 1, f"{mean:.6g}", repr(lr)])
                             log_file.flush()
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                         window_sum.zero_()

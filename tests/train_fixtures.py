@@ -7,9 +7,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from instructblip_peft.io import write_json
+
+# Tiny models gain nothing from threads, and on a shared, busy CPU several threads per process spin against
+# each other (a 40x slowdown measured). Subprocesses of these tests get the same via SINGLE_THREAD_ENV,
+# which also keeps their floating-point results identical to this process's.
+torch.set_num_threads(1)
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
 
