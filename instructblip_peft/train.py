@@ -208,6 +208,9 @@ class _Run:
         dtype = torch.float32 if self.device.type == "cpu" else default_dtype(self.device)
         info = self.run_info()
         model, processor = load_model(self.preset, dtype=dtype, device="cpu", seed=info["model_seed"])
+        # LoRA's initial A matrices are drawn from the global torch RNG (seeded randomly at start-up):
+        # seeding it makes the starting point, and so the whole run, a function of the seed.
+        torch.manual_seed(self.settings.seed)
         model = apply_experiment(model, self.exp)
         # Trainable tensors stay fp32 under autocast: the optimizer then updates full-precision weights.
         for p in trainable_parameters(model).values():

@@ -1,0 +1,128 @@
+"""A run killed at any point (SIGKILL, right after a checkpoint) and started again ends exactly where an
+uninterrupted run ends: same trainable weights, metrics, predictions and log."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instructblip_peft.train import train
+
+from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
+
+EXPERIMENT = "31"  # Q-Former + LLM LoRA: the Q-Former's dropout makes the torch RNG part of the state
+SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2, checkpoint_every_steps=2)
+TIMING_KEYS = {"wall_time_s", "train_samples_per_s", "eval_questions_per_s", "peak_memory_mb"}
+
+TRAIN_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import train_fixtures  # single-threaded like the test process
+from instructblip_peft.train import train
+train("scienceqa", sys.argv[1], sys.argv[2], processed_dir=sys.argv[4], preset="tiny", progress=False,
+      **{k: v for k, v in __import__("json").loads(sys.argv[5]).items()})
+"""
+
+
+def checkpoint_state(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def start_and_kill(out: Path, data: Path, settings: dict, when) -> dict:
+    """Run training in a subprocess; SIGKILL it as soon as a checkpoint satisfies `when`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, EXPERIMENT, str(out), str(Path(__file__).parent), str(data),
+         json.dumps(settings)],
+        env={**os.environ, **SINGLE_THREAD_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            state = checkpoint_state(out)
+            if state is not None and when(state):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return state
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.01)
+        pytest.fail("no checkpoint appeared in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def final_state(out: Path) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "train_log.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    return {
+        "metrics": {k: v for k, v in metrics.items() if k not in TIMING_KEYS},
+        "last": load_file(out / "checkpoint" / "trainable.safetensors"),
+        "best": load_file(out / "trained_tensors.safetensors"),
+        "adapter": load_file(out / "adapter" / "adapter_model.safetensors"),
+        "predictions": [(out / f"predictions_{s}.jsonl").read_text() for s in ("val", "test")],
+        "log": log,
+    }
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["metrics"] == b["metrics"]
+    for key in ("last", "best", "adapter"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}: {name} differs"
+    assert a["predictions"] == b["predictions"]
+    assert a["log"] == b["log"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("processed"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train("scienceqa", EXPERIMENT, out, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    return final_state(out)
+
+
+def test_killed_mid_epoch_resumes_to_the_same_end(data, uninterrupted, tmp_path):
+    # Step 6 is in the middle of epoch 2: resume must skip the epoch's consumed batches and restore RNGs.
+    killed = start_and_kill(tmp_path, data, SETTINGS,
+                            lambda s: s["global_step"] >= 6 and s["iterations_in_epoch"] > 0)
+    assert not (tmp_path / "metrics.json").exists()
+    assert killed["epoch"] >= 1
+    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    assert_same_run(final_state(tmp_path), uninterrupted)
+
+
+def test_killed_twice_at_epoch_ends_resumes_to_the_same_end(data, uninterrupted, tmp_path):
+    # Killed right after epoch 1's checkpoint, then after epoch 2's: the best/ copy, the early-stopping
+    # counters and the log all carry over.
+    start_and_kill(tmp_path, data, SETTINGS, lambda s: s["epoch"] >= 1)
+    start_and_kill(tmp_path, data, SETTINGS, lambda s: s["epoch"] >= 2)
+    assert not (tmp_path / "metrics.json").exists()
+    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    assert_same_run(final_state(tmp_path), uninterrupted)
+
+
+def test_force_starts_over(data, uninterrupted, tmp_path):
+    settings = dict(SETTINGS, max_steps=2)
+    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **settings)
+    (tmp_path / "train_log.csv").write_text("step,epoch,loss,lr\n99,9,0.0,0.0\n")  # would survive a resume
+    metrics = train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False,
+                    force=True, **settings)
+    assert metrics["global_steps"] == 2
+    assert [r.split(",")[0] for r in (tmp_path / "train_log.csv").read_text().split()[1:]] == ["1", "2"]
