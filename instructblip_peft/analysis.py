@@ -151,7 +151,7 @@ def plot_share(df: pd.DataFrame, metric: str = "test_accuracy"):
             lora["trainable share %"] = lora["trainable_share"].astype(float) * 100
             if not lora.empty:
                 sns.scatterplot(data=lora, x="trainable share %", y="accuracy %", hue="label", size="rank",
-                                sizes=(30, 160), ax=ax, legend=j == len(llms) - 1)
+                                sizes=(30, 160), ax=ax, legend="brief")
                 ax.set_xscale("log")
             for group, style in (("qformer-ft", "-"), ("zeroshot", ":")):
                 base = sel[sel["group"] == group]
@@ -163,7 +163,7 @@ def plot_share(df: pd.DataFrame, metric: str = "test_accuracy"):
             ax.set_ylabel("accuracy %")
             if lora.empty and sel.empty:
                 ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-            if j == len(llms) - 1 and ax.get_legend_handles_labels()[0]:
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig

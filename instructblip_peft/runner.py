@@ -98,7 +98,7 @@ def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = 
         pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=settings["kernel_name"],
                             cwd=str(NOTEBOOK_DIR), progress_bar=progress and _interactive(), log_output=False,
                             # The kernel's start-up warnings (plain-TCP transport on localhost) are noise here.
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as e:
         raise NotebookFailed(name, output, _cell_number(output, e.exec_count), e.ename, e.evalue) from None
     except OSError as e:  # the executed notebook cannot be written (a directory in its place, no space, ...)
