@@ -83,6 +83,9 @@ class VisionCache:
         self.misses += 1
         self._store[key] = hidden.detach().to(self.device)
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._store.values())
+
     def clear(self) -> None:
         self._store.clear()
 

@@ -188,3 +188,12 @@ def test_custom_breakdown_is_empty_and_lengths_must_match():
 def test_vision_cache_follows_the_setting():
     assert isinstance(vision_cache_for(resolve_settings(overrides={"eval_vision_cache": True})), VisionCache)
     assert vision_cache_for(resolve_settings(overrides={"eval_vision_cache": False})) is None
+
+
+def test_vision_cache_is_not_used_while_the_vit_trains(tmp_path):
+    model, processor = load_model("tiny-t5")  # nothing frozen: the ViT's output could change between epochs
+    cache = VisionCache()
+    with pytest.warns(UserWarning, match="vision encoder has trainable weights"):
+        evaluate(model, processor, _records(tmp_path, n=2), tmp_path, "scienceqa", _settings("tiny-t5"), "t5",
+                 vision_cache=cache, progress=False)
+    assert len(cache) == 0
