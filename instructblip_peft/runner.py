@@ -197,8 +197,10 @@ def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> st
     finished: nothing is executed). An unfinished run resumes from its checkpoint (train() does that)."""
     names = runner_settings()["notebooks"]
     directory = plan.directory
-    if not force and is_finished(directory) and all((directory / names[k]).is_file() for k in ("train", "evaluate")):
-        return "skipped"
+    if not force and is_finished(directory):
+        _check_same_preset(plan)
+        if all((directory / names[k]).is_file() for k in ("train", "evaluate")):
+            return "skipped"
     where = {"dataset": plan.dataset, "experiment": plan.experiment, "outputs_dir": str(plan.outputs_dir),
              "processed_dir": str(plan.processed_dir)}
     rank = process_rank()
@@ -209,6 +211,17 @@ def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> st
     if rank == 0:
         execute("evaluate", directory / names["evaluate"], where, progress)
     return "finished"
+
+
+def _check_same_preset(plan: RunPlan) -> None:
+    """A finished run of another preset (e.g. a tiny test run) must not pass for the one asked for."""
+    from .model import preset_for
+
+    wanted = preset_for(get_experiment(plan.experiment), plan.preset)["name"]
+    have = json.loads((plan.directory / "metrics.json").read_text()).get("preset")
+    if have and have != wanted:
+        raise UserError(f"{plan.directory} holds a finished run of preset '{have}', not '{wanted}': use --force "
+                        f"to replace it, or --outputs to run elsewhere")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -63,6 +63,10 @@ def test_run_twice_sweep_past_a_failure_and_analyze_partial_results(processed, t
     assert "already finished" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == stamps
 
+    # A finished tiny run does not pass for the real model's run.
+    assert cli.main(["run", "scienceqa", "27", *where]) == 2
+    assert "holds a finished run of preset 'tiny-t5', not 'flant5xl'" in capsys.readouterr().err
+
     # 31 cannot write its executed notebook (a directory is in the way): the sweep reports it and goes on.
     (outputs / "scienceqa" / "31" / "02_train.ipynb").mkdir(parents=True)
     assert cli.main(["sweep", "scienceqa", "31,zeroshot-flant5xl,27", *FAST, *where]) == 1
