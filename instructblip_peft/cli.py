@@ -34,7 +34,7 @@ def _overrides(pairs) -> dict:
 def cmd_preprocess(args) -> int:
     from . import runner
 
-    out = runner.preprocess(args.dataset, args.raw, args.processed)
+    out = runner.preprocess(args.dataset, args.raw, args.processed, _overrides(args.param))
     print(f"{args.dataset}: processed data in {out.parent} (executed notebook: {out})")
     return 0
 
@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="raw data -> processed splits (notebook 01)")
     p.add_argument("dataset", help="scienceqa, iconqa or custom")
     p.add_argument("--raw", default=None, help="raw data directory (default: the bundled sample, generated "
-                                               "if missing)")
+                                               "if missing); for scienceqa also hub:derek-thomas/ScienceQA")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="keep_text_only or skip_invalid (params/data.yaml)")
     p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")
     p.set_defaults(func=cmd_preprocess)
 

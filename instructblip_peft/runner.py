@@ -138,16 +138,44 @@ def _cell_number(output: Path, exec_count) -> int | None:
 
 # ---------------------------------------------------------------- steps
 
+HUB_PREFIX = "hub:"
+PREPROCESS_SETTINGS = ("keep_text_only", "skip_invalid")
+
+
+def raw_source(dataset: str, raw_dir: str | None):
+    """What to preprocess: a directory, the bundled sample (generated if missing) when raw_dir is empty,
+    or for ScienceQA `hub:<name>` (e.g. hub:derek-thomas/ScienceQA), loaded with datasets.load_dataset."""
+    from .data.sample import ensure_sample
+
+    if not raw_dir:
+        return ensure_sample() / dataset
+    if str(raw_dir).startswith(HUB_PREFIX):
+        from datasets import load_dataset
+
+        return load_dataset(str(raw_dir)[len(HUB_PREFIX):])
+    return Path(raw_dir)
+
+
 def preprocess(dataset: str, raw_dir: str | Path | None = None, processed_dir: str | Path | None = None,
-               progress: bool = True) -> Path:
+               overrides: dict | None = None, progress: bool = True) -> Path:
     """01_preprocess into <processed>/<dataset>/01_preprocess.ipynb; raw None: the bundled sample."""
     check_dataset(dataset)
-    raw = str(Path(raw_dir).expanduser().resolve()) if raw_dir else ""
-    if raw and not Path(raw).is_dir():
-        raise UserError(f"raw data directory {raw} not found")
+    raw = str(raw_dir or "")
+    if raw.startswith(HUB_PREFIX):
+        if dataset != "scienceqa":
+            raise UserError(f"--raw {raw}: hub datasets are supported for scienceqa only")
+    elif raw:
+        raw = str(Path(raw).expanduser().resolve())
+        if not Path(raw).is_dir():
+            raise UserError(f"raw data directory {raw} not found")
+    settings = validate_overrides(overrides)
+    other = sorted(set(settings) - set(PREPROCESS_SETTINGS))
+    if other:
+        raise UserError(f"preprocess takes only {', '.join(PREPROCESS_SETTINGS)} as -p settings, not "
+                        f"{', '.join(other)}")
     out = processed_root(processed_dir) / dataset / runner_settings()["notebooks"]["preprocess"]
     return execute("preprocess", out, {"dataset": dataset, "raw_dir": raw,
-                                       "processed_dir": str(processed_root(processed_dir))}, progress)
+                                       "processed_dir": str(processed_root(processed_dir)), **settings}, progress)
 
 
 def is_finished(path: Path) -> bool:

@@ -17,6 +17,8 @@ FAST = ["--preset", "tiny", "-p", "max_steps", "2", "-p", "max_eval_samples", "8
     (["run", "scienceqa", "40", "--preset", "tiny-t5"], "preset 'tiny-t5' is a t5 model"),
     (["sweep", "scienceqa", "1-4", "--shard", "5/4"], "bad --shard '5/4'"),
     (["sweep", "scienceqa", "1-70"], "unknown experiment ID '65'"),
+    (["preprocess", "scienceqa", "-p", "epochs", "3"], "preprocess takes only keep_text_only, skip_invalid"),
+    (["preprocess", "iconqa", "--raw", "hub:someone/IconQA"], "hub datasets are supported for scienceqa only"),
 ])
 def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -37,8 +39,8 @@ def test_verbose_shows_the_traceback():
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     path = tmp_path_factory.mktemp("processed")
-    assert cli.main(["preprocess", "scienceqa", "--processed", str(path)]) == 0
-    assert (path / "scienceqa" / "manifest.json").is_file()
+    assert cli.main(["preprocess", "scienceqa", "--processed", str(path), "-p", "skip_invalid", "true"]) == 0
+    assert json.loads((path / "scienceqa" / "manifest.json").read_text())["options"]["skip_invalid"] is True
     assert (path / "scienceqa" / "01_preprocess.ipynb").is_file()
     return path
 
