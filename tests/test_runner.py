@@ -59,3 +59,16 @@ def test_parameters_reach_the_notebook_and_a_failure_names_notebook_cell_and_rec
     assert "trivial.ipynb failed at cell 4" in message       # parameters, injected, doubled, raise
     assert "ValueError: bad value 5" in message
     assert str(failed) in message and failed.is_file()       # the executed notebook is kept to look at
+
+
+def test_under_a_multi_process_launch_only_rank_0_writes_the_record(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "execute", lambda key, output, params, progress=True: calls.append((key, output)))
+    plan = runner.RunPlan("scienceqa", "27", "tiny", {}, tmp_path, tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    runner.execute_run(plan)
+    assert calls == [("train", tmp_path / "scienceqa" / "27" / ".rank1" / "02_train.ipynb")]
+    calls.clear()
+    monkeypatch.setenv("RANK", "0")
+    runner.execute_run(plan)
+    assert [(k, o.name) for k, o in calls] == [("train", "02_train.ipynb"), ("evaluate", "03_evaluate.ipynb")]
