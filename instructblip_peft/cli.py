@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(settings: params/runner.yaml)")
     p.add_argument("--outputs", default=None, help="the demo writes to OUTPUTS/demo/")
     p.set_defaults(func=cmd_demo)
+    for p in sub.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks for errors")
     return parser
 
 

@@ -31,9 +31,10 @@ def test_run_without_processed_data_says_what_to_do(tmp_path, capsys):
     assert "run `instructblip-peft preprocess iconqa` first" in capsys.readouterr().err
 
 
-def test_verbose_shows_the_traceback():
+@pytest.mark.parametrize("argv", [["-v", "run", "scienceqa", "99"], ["run", "scienceqa", "99", "-v"]])
+def test_verbose_shows_the_traceback(argv):
     with pytest.raises(Exception, match="unknown experiment ID"):
-        cli.main(["-v", "run", "scienceqa", "99"])
+        cli.main(argv)
 
 
 @pytest.fixture(scope="module")
