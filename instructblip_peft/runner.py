@@ -76,10 +76,10 @@ class NotebookFailed(UserError):
 
     def __init__(self, notebook: str, output: Path, cell: int | None, ename: str, evalue: str):
         self.notebook, self.output, self.cell, self.ename, self.evalue = notebook, output, cell, ename, evalue
-        where = f"cell {cell}" if cell is not None else "start-up"
+        where = f" at cell {cell}" if cell is not None else ""
         # A UserError raised inside the notebook already is one clear line: show it as is.
         what = evalue if ename == "UserError" else f"{ename}: {evalue}"
-        super().__init__(f"{notebook} failed at {where}: {what.strip().splitlines()[-1] if what.strip() else ename}"
+        super().__init__(f"{notebook} failed{where}: {what.strip().splitlines()[-1] if what.strip() else ename}"
                          f" (executed notebook: {output})")
 
 
@@ -93,8 +93,8 @@ def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = 
     source = NOTEBOOK_DIR / name
     if not source.is_file():
         raise UserError(f"notebook {source} not found")
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=settings["kernel_name"],
                             cwd=str(NOTEBOOK_DIR), progress_bar=progress and _interactive(), log_output=False,
                             # The kernel's start-up warnings (plain-TCP transport on localhost) are noise here.
