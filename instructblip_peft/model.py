@@ -190,6 +190,11 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = InstructBlipForConditionalGeneration(config).to(dtype)
+            # transformers initialises query_tokens to zeros (the checkpoints carry trained ones): all queries
+            # would then start identical and the image would barely reach the LLM. BLIP-2 pre-training used
+            # normal(0, initializer_range).
+            with torch.no_grad():
+                model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
         processor = _tiny_processor(preset)
     _check_placeholder(model, processor)
     return model.to(device), processor
