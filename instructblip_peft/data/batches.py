@@ -215,22 +215,3 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, length
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
 
-
-# ---------------------------------------------------------------- length-grouped batches
-
-def prompt_lengths(processor, records: list[dict], dataset: str, max_txt_len: int) -> list[int]:
-    """LLM-side prompt length in tokens of each record after truncation, image placeholders not counted
-    (what dynamic padding is sized by)."""
-    prompts = [render_prompt(r, dataset) for r in records]
-    n_query = processor.num_query_tokens
-    return [len(ids) - n_query for ids in encode_prompts(processor, prompts, max_txt_len)["input_ids"]]
-
-
-def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int, epoch: int = 0):
-    """transformers' LengthGroupedSampler (random mega-batches of 50 batches, each sorted by length, the
-    longest batch first), drawn from (seed, epoch) so a resumed run sees the same order. Batches then
-    hold prompts of similar length and dynamic padding removes most pad tokens (benchmarks/train_step.py)."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return LengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)
