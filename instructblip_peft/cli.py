@@ -89,15 +89,17 @@ def cmd_demo(args) -> int:
 
     demo = load_yaml("runner.yaml")["demo"]
     outputs = runner.outputs_root(args.outputs) / demo["outputs_subdir"]
+    # The demo's processed sample lives with its runs, so it never replaces real processed data.
+    processed = outputs / demo["processed_subdir"]
     start = time.monotonic()
     for dataset in demo["datasets"]:
-        print(f"preprocess {dataset} (bundled sample)", flush=True)
-        runner.preprocess(dataset)
+        print(f"preprocess {dataset} (bundled sample) into {processed / dataset}", flush=True)
+        runner.preprocess(dataset, processed_dir=processed)
     ids = ",".join(str(i) for i in demo["experiments"])
     failed = []
     for dataset in demo["datasets"]:
         print(f"run {dataset} {ids} with the {demo['preset']} preset", flush=True)
-        result = runner.sweep(dataset, ids, demo["preset"], demo.get("overrides") or {}, outputs)
+        result = runner.sweep(dataset, ids, demo["preset"], demo.get("overrides") or {}, outputs, processed)
         failed += [(dataset, i, m) for i, m in result.failed]
     print("analysis", flush=True)
     out = runner.analyze(outputs)
