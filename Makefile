@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/instructblip-peft demo
 
+# The notebooks run with their defaults in a temporary work directory (not over data/ and outputs/).
 test: install
 	$(BIN)/python -m pytest tests -q
-	$(BIN)/python -m pytest --nbval-lax notebooks -q -p no:cacheprovider
+	INSTRUCTBLIP_PEFT_WORKDIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax notebooks -q -p no:cacheprovider
 
 bench: install
 	$(BIN)/python benchmarks/eval_ranking.py

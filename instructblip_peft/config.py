@@ -142,10 +142,17 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
     return Settings(merged)
 
 
+def work_dir() -> Path:
+    """What relative paths of params/paths.yaml are relative to: the repository root, or
+    INSTRUCTBLIP_PEFT_WORKDIR (the test suite points it at a temporary directory, so executing the notebooks
+    with their defaults never touches a user's data/ or outputs/)."""
+    return Path(os.environ.get("INSTRUCTBLIP_PEFT_WORKDIR") or REPO_DIR)
+
+
 def path_setting(key: str) -> Path:
-    """A path from params/paths.yaml, resolved against the repository root."""
+    """A path from params/paths.yaml, resolved against work_dir()."""
     paths = load_yaml("paths.yaml")
     if key not in paths:
         raise UserError(f"paths.yaml: no key '{key}' (have: {', '.join(paths)})")
     p = Path(os.path.expanduser(str(paths[key])))
-    return p if p.is_absolute() else REPO_DIR / p
+    return p if p.is_absolute() else work_dir() / p

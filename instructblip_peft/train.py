@@ -174,6 +174,10 @@ def train(dataset: str, experiment, output_dir, processed_dir=None, preset: str 
         elif metrics_path.is_file():
             metrics = read_json(metrics_path, "metrics")
             if metrics.get("status") == "finished":
+                for key, want in (("dataset", dataset), ("experiment", exp.id), ("preset", preset_dict["name"])):
+                    if metrics.get(key) != want:
+                        raise UserError(f"{output_dir} holds a finished run of {key} '{metrics.get(key)}', not "
+                                        f"'{want}': choose another output directory or pass force=True")
                 if progress and accelerator.is_main_process:
                     print(f"{output_dir}: already finished (val {metrics['val_accuracy']:.4f}, test "
                           f"{metrics['test_accuracy']:.4f}); pass force=True to train again")

@@ -147,6 +147,14 @@ def test_finished_run_is_not_retrained(run_dir, data):
     assert after == {k: v for k, v in before.items() if k != "run.lock"}
 
 
+def test_finished_run_of_another_preset_is_not_passed_off_as_this_one(run_dir, data, monkeypatch):
+    import instructblip_peft.train as train_module
+    real = train_module.preset_for
+    monkeypatch.setattr(train_module, "preset_for", lambda exp, preset: dict(real(exp, "tiny"), name="t5-custom"))
+    with pytest.raises(UserError, match="holds a finished run of preset 'tiny-t5', not 't5-custom'"):
+        train("scienceqa", EXPERIMENT, run_dir, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+
+
 def test_zero_shot_only_evaluates(data, tmp_path):
     metrics = train("scienceqa", "zeroshot-flant5xl", tmp_path, processed_dir=data, preset="tiny", progress=False,
                     max_eval_samples=8)
