@@ -1,8 +1,9 @@
 """Data-parallel training on CPU: two processes learn the task as well as one, each on half the batches.
 
-The processes are started with torchrun (`python -m torch.distributed.run`), which train.py's
-Accelerator(cpu=True) joins as a gloo process group. `accelerate launch --cpu --num_processes 2` starts
-ONE process in accelerate 1.15 (its --cpu launcher is single-process), so it is not used here."""
+The processes are started as a user would: `accelerate launch --multi_gpu --num_processes 2`, which on a
+machine without GPUs runs two CPU processes in a gloo process group (accelerate's MULTI_CPU). Note that
+`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15: --cpu picks its
+single-process launcher."""
 import json
 import os
 import subprocess
@@ -31,7 +32,8 @@ def run(tmp_path, data, name: str, processes: int) -> dict:
     driver.write_text(DRIVER)
     out = tmp_path / name
     launcher = [sys.executable, str(driver)] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(driver)]
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver)]
     env = dict(os.environ, **SINGLE_THREAD_ENV)
     proc = subprocess.run(launcher + [str(out), str(data), json.dumps(SETTINGS)], env=env, capture_output=True,
                           text=True, timeout=600)
