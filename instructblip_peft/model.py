@@ -86,36 +86,29 @@ def _tiny_config(preset: dict) -> InstructBlipConfig:
 
 # Words the tiny tokenizers know whole; anything else falls back to characters/bytes.
 _TINY_WORDS = (
+    "Context Question Options Answer Short Image What Which How Is Look "
     "context question options answer short image which what how many is are the a an of in on to and or "
     "color colour shape shapes red green blue yellow purple orange black white gray brown pink circle "
     "square triangle star left right top bottom middle more fewer same count number there picture "
     "science social natural language biology physics chemistry earth weather map animal plant material "
-    "select choose best property closest north south east west solid liquid gas hot cold big small"
+    "select choose best property closest north south east west solid liquid gas hot cold big small "
+    "shown stars circles squares triangles at it this that one two three four"
 ).split()
 
 
 def _tiny_llm_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<pad>", "<s>", "</s>", "<unk>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for ch in sorted(alphabet):
-        vocab.setdefault(ch, len(vocab))
-    merges = []
-    # Whole-word tokens (with the byte-level space marker) built by explicit merges, deterministically.
-    for word in _TINY_WORDS:
-        for piece in (word, "Ġ" + word):
-            cur = piece[0]
-            for ch in piece[1:]:
-                nxt = cur + ch
-                if nxt not in vocab:
-                    vocab[nxt] = len(vocab)
-                    merges.append((cur, ch))
-                cur = nxt
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    # Byte-level BPE trained on the word list (with and without a leading space): every listed word becomes
+    # one token, anything else falls back to bytes. Training on a fixed corpus is deterministic.
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, min_frequency=1, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_TINY_WORDS + [" " + w for w in _TINY_WORDS], trainer=trainer)
+    vocab = tok.get_vocab()
     if family == "t5":  # T5 appends </s> to every sequence
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])

@@ -1,6 +1,6 @@
 """The tiny presets genuinely learn the bundled sample from its images.
 
-A Q-Former+LLM LoRA run (experiment 31, tiny FlanT5 stand-in) on the generated ScienceQA sample must beat the
+A Q-Former+LLM LoRA run (experiments 31 and 63: the tiny FlanT5 and Vicuna stand-ins) on the generated ScienceQA sample must beat the
 same untrained model (its zero-shot baseline) by at least 20 points, and fall back to about chance when its
 images are blanked: the gain comes from reading the pictures, not from memorising the text.
 """
@@ -17,15 +17,25 @@ from instructblip_peft.train import train
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
+def processed(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     raw = generate_sample(root / "raw", seed=0, n_iconqa=10)
     preprocess("scienceqa", raw["scienceqa"], root / "processed", progress=False)
-    processed = root / "processed" / "scienceqa"
-    untrained = train("scienceqa", "zeroshot-flant5xl", root / "zeroshot", processed_dir=processed,
-                      preset="tiny", progress=False)
-    trained = train("scienceqa", "31", root / "31", processed_dir=processed, preset="tiny", progress=False)
-    return {"processed": processed, "run": root / "31", "untrained": untrained, "trained": trained}
+    return root / "processed" / "scienceqa"
+
+
+# Q-Former+LLM LoRA, rank 4, for each LLM family, against the same untrained model.
+FAMILIES = {"t5": ("31", "zeroshot-flant5xl"), "llama": ("63", "zeroshot-vicuna7b")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def learned(request, processed, tmp_path_factory):
+    experiment, zeroshot = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    untrained = train("scienceqa", zeroshot, root / "zeroshot", processed_dir=processed, preset="tiny", progress=False)
+    trained = train("scienceqa", experiment, root / experiment, processed_dir=processed, preset="tiny", progress=False)
+    return {"processed": processed, "run": root / experiment, "untrained": untrained, "trained": trained,
+            "family": request.param}
 
 
 def test_training_beats_the_untrained_model_by_20_points(learned):
@@ -39,6 +49,7 @@ def test_with_blank_images_the_trained_model_is_back_to_chance(learned):
     records, image_root = load_split(learned["processed"], "test")
     chance = sum(1 / len(r["choices"]) for r in records) / len(records)
     blank = [dict(r, image=None) for r in records]  # no image file: a blank picture of the right size
-    result = evaluate(model, processor, blank, image_root, "scienceqa", info["settings"], "t5", progress=False)
+    result = evaluate(model, processor, blank, image_root, "scienceqa", info["settings"], learned["family"],
+                      progress=False)
     assert abs(result.accuracy - chance) <= 0.12, (result.accuracy, chance)
     assert result.accuracy <= learned["trained"]["test_accuracy"] - 0.15
