@@ -3,7 +3,9 @@ marked NBVAL_CHECK_OUTPUT: run after changing a notebook, the sample data or a p
 
     python notebooks/refresh_outputs.py [01_preprocess.ipynb ...]
 """
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import nbformat
 from nbclient import NotebookClient
 
 NB = Path(__file__).resolve().parent
+# Like `make test`: defaults run in a fresh work directory, so stale data/ or outputs/ cannot leak into the
+# stored outputs (the kernels inherit this).
+os.environ["INSTRUCTBLIP_PEFT_WORKDIR"] = tempfile.mkdtemp(prefix="instructblip-peft-notebooks-")
 for path in sorted(NB.glob("*.ipynb")) if len(sys.argv) == 1 else [NB / a for a in sys.argv[1:]]:
     nb = nbformat.read(path, as_version=4)
     t = time.monotonic()
