@@ -99,7 +99,9 @@ def cmd_demo(args) -> int:
     failed = []
     for dataset in demo["datasets"]:
         print(f"run {dataset} {ids} with the {demo['preset']} preset", flush=True)
-        result = runner.sweep(dataset, ids, demo["preset"], demo.get("overrides") or {}, outputs, processed)
+        # force: the demo always shows what the current code and sample give, never an older demo's runs.
+        result = runner.sweep(dataset, ids, demo["preset"], demo.get("overrides") or {}, outputs, processed,
+                              force=True)
         failed += [(dataset, i, m) for i, m in result.failed]
     print("analysis", flush=True)
     out = runner.analyze(outputs)

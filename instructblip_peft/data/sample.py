@@ -251,7 +251,17 @@ def _write_iconqa(root: Path, rng: random.Random, n: int, layout: str) -> dict:
     return {s: len(splits[s]) for s in splits}
 
 
-def generate_sample(out_dir, seed: int = 0, n_scienceqa: int = 1000, n_iconqa: int = 300,
+# Bump when the generator's output changes: ensure_sample then regenerates an older sample instead of
+# silently reusing it.
+GENERATOR_VERSION = 2
+N_SCIENCEQA, N_ICONQA = 1000, 300
+
+
+def _stamp(seed: int, n: int) -> str:
+    return f"generator {GENERATOR_VERSION}, seed {seed}, {n} questions"
+
+
+def generate_sample(out_dir, seed: int = 0, n_scienceqa: int = N_SCIENCEQA, n_iconqa: int = N_ICONQA,
                     iconqa_layout: str = "problems") -> dict:
     """Write `out_dir/scienceqa/` and `out_dir/iconqa/` as the raw downloads look.
 
@@ -273,7 +283,7 @@ def generate_sample(out_dir, seed: int = 0, n_scienceqa: int = 1000, n_iconqa: i
         try:
             counts[name] = writer(work, rng, n) if name == "scienceqa" else writer(work, rng, n, iconqa_layout)
             (work / "SAMPLE.txt").write_text(
-                f"Generated sample (seed {seed}, {n} questions), not the real {name} data. "
+                f"Generated sample ({_stamp(seed, n)}), not the real {name} data. "
                 f"Regenerate with instructblip_peft.data.sample.generate_sample.\n")
             _swap_into_place(work, out_dir / name)
         except BaseException:
@@ -283,10 +293,17 @@ def generate_sample(out_dir, seed: int = 0, n_scienceqa: int = 1000, n_iconqa: i
 
 
 def ensure_sample(raw_root=None, seed: int = 0) -> Path:
-    """The sample raw root (paths.yaml `sample_raw_dir` by default), generated there if missing."""
+    """The sample raw root (paths.yaml `sample_raw_dir` by default), generated there if missing or made by
+    another version of the generator."""
     root = Path(path_setting("sample_raw_dir") if raw_root is None else raw_root)
+    expected = {"scienceqa": _stamp(seed, N_SCIENCEQA), "iconqa": _stamp(seed, N_ICONQA)}
     complete = (root / "scienceqa" / "problems.json").is_file() and \
         (root / "iconqa" / "iconqa_data" / "pid2skills.json").is_file()
-    if not complete:
+    current = all(stamp in _read(root / name / "SAMPLE.txt") for name, stamp in expected.items())
+    if not (complete and current):
         generate_sample(root, seed=seed)
     return root
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
