@@ -53,6 +53,7 @@ SCIENCEQA_WEIGHTS = {"colour": 8, "shape": 2, "count": 2, "left_right": 2, "top_
 ICONQA_KINDS = {"colour": ["scene"], "shape": ["geometry"], "count": ["counting"], "left_right": ["spatial"],
                 "top_bottom": ["spatial"]}
 ICONQA_LABELS = {"colour": "C1", "shape": "G2", "count": "A3", "left_right": "S4", "top_bottom": "S5"}
+ICONQA_WEIGHTS = {"colour": 4, "shape": 1, "count": 1, "left_right": 1, "top_bottom": 1}  # see SCIENCEQA_WEIGHTS
 
 
 # ---- drawing --------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def _write_scienceqa(root: Path, rng: random.Random, n: int) -> dict:
 def _write_iconqa(root: Path, rng: random.Random, n: int, layout: str) -> dict:
     data_dir = root / "iconqa_data"
     pids = [str(i) for i in range(1, n + 1)]
-    kinds = _kinds(rng, {k: 1 for k in ICONQA_KINDS}, n)
+    kinds = _kinds(rng, ICONQA_WEIGHTS, n)
     splits = _assign_splits(rng, pids)
     split_of = {pid: s for s, ps in splits.items() for pid in ps}
     # A few questions of another type, as in the real download, which the reader must leave out.
@@ -253,8 +254,8 @@ def _write_iconqa(root: Path, rng: random.Random, n: int, layout: str) -> dict:
 
 # Bump when the generator's output changes: ensure_sample then regenerates an older sample instead of
 # silently reusing it.
-GENERATOR_VERSION = 2
-N_SCIENCEQA, N_ICONQA = 1000, 300
+GENERATOR_VERSION = 3
+N_SCIENCEQA, N_ICONQA = 1000, 600
 
 
 def _stamp(seed: int, n: int) -> str:
