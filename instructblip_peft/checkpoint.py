@@ -174,10 +174,17 @@ def load_checkpoint(path: Path) -> dict:
         state = json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path / STATE}: cannot read the checkpoint ({e}); delete {path} or pass force=True "
-                        "to start over") from None
-    return {"trainable": load_tensors(path / TRAINABLE),
-            "optimizer": optimizer_state_dict(load_tensors(path / OPTIMIZER), state.pop("optimizer")),
-            "rng": (load_tensors(path / RNG), state.pop("rng")),
+                        "(--force) to start over") from None
+    try:
+        tensors = {name: load_tensors(path / name) for name in (TRAINABLE, OPTIMIZER, RNG)}
+    except UserError as e:
+        # No older copy survives a completed write (checkpoint.old/ is removed), so there is nothing to fall
+        # back to: say what is damaged and how to go on.
+        raise UserError(f"{e}: the checkpoint in {path} is damaged; delete {path} or pass force=True "
+                        "(--force) to start over") from None
+    return {"trainable": tensors[TRAINABLE],
+            "optimizer": optimizer_state_dict(tensors[OPTIMIZER], state.pop("optimizer")),
+            "rng": (tensors[RNG], state.pop("rng")),
             "scaler": state.pop("scaler", None),
             "state": state}
 
