@@ -176,8 +176,14 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
         try:
             model = InstructBlipForConditionalGeneration.from_pretrained(src, dtype=dtype)
             processor = InstructBlipProcessor.from_pretrained(src)
-        except OSError as e:
-            raise UserError(f"cannot load model '{src}': {str(e).splitlines()[0]}") from None
+        except OSError as e:  # transformers turns hub/network/cache errors into OSError
+            local = Path(src).exists()
+            fix = ("check that it holds save_pretrained() output" if local else
+                   "download it once with network access (it is then cached in the Hugging Face cache; "
+                   "HF_HUB_OFFLINE=1 uses only the cache), or point the preset's `source` in "
+                   "params/presets.yaml at a local copy")
+            raise UserError(f"cannot load model '{src}': {str(e).strip().splitlines()[0].rstrip('.')}. "
+                            f"To fix: {fix}") from None
     else:
         config = architecture_config(preset)
         with torch.random.fork_rng(devices=[]):
