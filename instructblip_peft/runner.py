@@ -161,6 +161,9 @@ def preprocess(dataset: str, raw_dir: str | Path | None = None, processed_dir: s
     """01_preprocess into <processed>/<dataset>/01_preprocess.ipynb; raw None: the bundled sample."""
     check_dataset(dataset)
     raw = str(raw_dir or "")
+    if not raw and dataset == "custom":
+        raise UserError("custom data has no bundled sample: pass --raw DIR, a directory with train.jsonl, "
+                        "val.jsonl and test.jsonl (format: instructblip_peft/data/custom.py)")
     if raw.startswith(HUB_PREFIX):
         if dataset != "scienceqa":
             raise UserError(f"--raw {raw}: hub datasets are supported for scienceqa only")
@@ -305,6 +308,12 @@ def sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overr
 
 def analyze(outputs_dir=None, progress: bool = True) -> Path:
     """04_analysis over every run under outputs_dir; returns the analysis directory."""
+    from .analysis import collect_runs
+
+    root = outputs_root(outputs_dir)
+    if collect_runs(root).empty:
+        raise UserError(f"no runs to analyze in {root} (expected <dataset>/<experiment id>/ directories): run "
+                        "`instructblip-peft run` or `sweep` first, or pass --outputs")
     out = analysis_dir(outputs_dir)
     execute("analysis", out / runner_settings()["notebooks"]["analysis"],
             {"outputs_dir": str(outputs_root(outputs_dir))}, progress)
