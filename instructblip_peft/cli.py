@@ -13,6 +13,9 @@ def cmd_params(args) -> int:
     from .experiments import parse_ids
 
     ids = parse_ids(args.ids)
+    if args.preset:  # an unknown preset is an error before the table starts, not after its header
+        from .model import load_preset
+        load_preset(args.preset)
     if not args.json:
         print(f"{'ID':>20}  {'LLM':9} {'group':26} {'rank':>4} {'trainable':>13} {'LoRA':>12} "
               f"{'total':>15} {'% of full Q-Former FT':>22}")
