@@ -16,7 +16,7 @@ from .config import Settings
 from .errors import UserError
 from .experiments import get_experiment
 from .io import read_json
-from .lora import base_model, non_lora_trainable
+from .lora import base_model, non_lora_trainable, quiet_peft_deprecations
 from .model import default_dtype, load_model, load_preset
 
 METRICS = "metrics.json"
@@ -69,7 +69,8 @@ def load_finetuned(output_dir, device: str | torch.device = "cpu"):
         adapter = _adapter_dir(output_dir)
         if adapter is None:
             raise UserError(f"{output_dir / ADAPTER_DIR}: missing adapter_config.json (incomplete run directory)")
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(model, str(adapter))
     tensors_path = output_dir / TRAINED_TENSORS
     if exp.train:
         tensors = ckpt.load_tensors(tensors_path)

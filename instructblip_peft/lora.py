@@ -1,6 +1,7 @@
 """Putting an experiment onto a model: LoRA where experiments.yaml says, and which tensors train."""
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -9,6 +10,15 @@ from peft import LoraConfig, get_peft_model
 
 from .errors import UserError
 from .experiments import Experiment, lora_spec, target_patterns, trainable_patterns
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations():
+    """peft calls `is_gradient_checkpointing`, deprecated in transformers 5.x (a FutureWarning on every
+    get_peft_model / PeftModel.from_pretrained); not ours to fix and not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def lora_config(experiment: Experiment) -> LoraConfig | None:
@@ -34,8 +44,7 @@ def apply_experiment(model, experiment: Experiment):
     if config is not None:
         # On the meta device there is nothing to initialise; peft then skips allocation.
         meta = next(model.parameters()).is_meta
-        with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x; not ours to fix
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft_deprecations():
             model = get_peft_model(model, config, low_cpu_mem_usage=meta)
     patterns = [re.compile(p) for p in trainable_patterns(experiment)]
     base = base_model(model)
