@@ -32,7 +32,7 @@ from .accounting import count_parameters, full_qformer_size
 from .config import path_setting, resolve_settings
 from .errors import UserError
 from .experiments import get_experiment
-from .io import read_json, write_json, write_jsonl, write_text
+from .io import atomic_path, read_json, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
 from .model import default_dtype, family_of, load_model, preset_for
 
@@ -382,8 +382,11 @@ class _Run:
                     if at_log:
                         mean = (window_sum / state["window_count"]).item()
                         if writer is not None:
-                            writer.writerow([step, epoch + 1, f"{mean:.6g}", repr(lr)])
-                            log_file.flush()
+                            try:
+                                writer.writerow([step, epoch + 1, f"{mean:.6g}", repr(lr)])
+                                log_file.flush()
+                            except OSError as e:  # a full disk: the log is trimmed to the checkpoint on resume
+                                raise UserError(f"cannot write {out / TRAIN_LOG}: {e.strerror or e}") from None
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                         window_sum.zero_()
                         state["window_count"] = 0
@@ -482,7 +485,8 @@ class _Run:
         if acc.is_main_process:
             if state is not None:
                 write_finetuned(out, model)
-                shutil.copyfile(val_predictions_src, out / predictions_file("val"))
+                with atomic_path(out / predictions_file("val")) as tmp:
+                    shutil.copyfile(val_predictions_src, tmp)
             else:
                 write_jsonl(out / predictions_file("val"), val.predictions)
             write_jsonl(out / predictions_file("test"), test.predictions)
