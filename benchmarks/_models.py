@@ -28,7 +28,7 @@ TEXT = {
 }
 
 
-def mid_preset(family: str, image_size: int = 224, max_txt_len: int = 128) -> dict:
+def mid_preset(family: str, image_size: int = 224, max_txt_len: int = 128, vision_layers: int | None = None) -> dict:
     """A preset dict (the shape of presets.yaml's tiny ones) that model.load_model builds randomly."""
     if family not in TEXT:
         raise ValueError(f"family must be one of {list(TEXT)}, got {family!r}")
@@ -36,7 +36,9 @@ def mid_preset(family: str, image_size: int = 224, max_txt_len: int = 128) -> di
         "name": f"mid-{family}",
         "llm": "flant5xl" if family == "t5" else "vicuna7b",
         "family": family,
-        "tiny": {"image_size": image_size, "patch_size": 14, "vision": dict(VISION), "qformer": dict(QFORMER),
+        "tiny": {"image_size": image_size, "patch_size": 14,
+                 "vision": dict(VISION, **({"num_hidden_layers": vision_layers} if vision_layers else {})),
+                 "qformer": dict(QFORMER),
                  "num_query_tokens": 32, "text": dict(TEXT[family])},
         "train": {"batch_size": 8, "grad_accum_steps": 1, "eval_batch_size": 8},
         "data": {"image_size": image_size, "max_txt_len": max_txt_len, "max_output_txt_len": 32},
