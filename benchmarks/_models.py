@@ -15,7 +15,7 @@ import random
 import torch
 
 from instructblip_peft.config import resolve_settings
-from instructblip_peft.model import load_model
+from instructblip_peft.model import load_model, load_preset
 
 VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4, "num_attention_heads": 12}
 QFORMER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -54,6 +54,20 @@ def build(family: str, device: str = "cpu", dtype: torch.dtype | None = None, se
 
 def settings_for(preset: dict, dataset: str = "scienceqa", **overrides):
     return resolve_settings(dataset, None, preset, overrides)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def evaluation_model(family: str, quick: bool, device: str, dtype: str, batch_size: int, **preset_kw):
+    """(model, processor, preset, settings) for the evaluation benchmarks: the tiny preset for --quick smoke
+    runs, else the mid-size model in `dtype`."""
+    if quick:
+        preset = load_preset(f"tiny-{family}")
+        model, processor = load_model(preset, device=device)
+        return model, processor, preset, resolve_settings(preset=preset, overrides={"eval_batch_size": batch_size})
+    model, processor, preset = build(family, device=device, dtype=DTYPES[dtype], **preset_kw)
+    return model, processor, preset, settings_for(preset, eval_batch_size=batch_size)
 
 
 _WORDS = ("which of these states is farthest north the map shows a property of the material select the best "

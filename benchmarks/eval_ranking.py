@@ -18,10 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._models import build, machine, scienceqa_like_records, settings_for  # noqa: E402
-from instructblip_peft.config import resolve_settings  # noqa: E402
+from benchmarks._models import evaluation_model, machine, scienceqa_like_records  # noqa: E402
 from instructblip_peft.evaluate import evaluate, score_naive  # noqa: E402
-from instructblip_peft.model import load_model, load_preset  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -30,14 +28,8 @@ def _sync(device: str) -> None:
 
 
 def compare(family: str, args) -> dict:
-    if args.quick:
-        preset = load_preset(f"tiny-{family}")
-        model, processor = load_model(preset, device=args.device)
-        settings = resolve_settings(preset=preset, overrides={"eval_batch_size": args.batch_size})
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        model, processor, preset = build(family, device=args.device, dtype=dtype)
-        settings = settings_for(preset, eval_batch_size=args.batch_size)
+    model, processor, preset, settings = evaluation_model(family, args.quick, args.device, args.dtype,
+                                                          args.batch_size)
     records = scienceqa_like_records(args.questions, args.candidates, seed=1)
     print(f"\n[{family}] model {preset['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
           f"{args.questions} questions x {args.candidates} candidates, eval_batch_size {settings.eval_batch_size}, "

@@ -20,10 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._models import build, machine, scienceqa_like_records, settings_for, write_random_images  # noqa: E402
-from instructblip_peft.config import resolve_settings  # noqa: E402
+from benchmarks._models import evaluation_model, machine, scienceqa_like_records, write_random_images  # noqa: E402
 from instructblip_peft.evaluate import VisionCache, evaluate  # noqa: E402
-from instructblip_peft.model import load_model, load_preset  # noqa: E402
 
 
 def _timed(fn, device: str):
@@ -53,14 +51,8 @@ def main(argv=None) -> int:
     if args.questions is None:
         args.questions = 6 if args.quick else (128 if args.device.startswith("cuda") else 16)
     family = args.family
-    if args.quick:
-        preset = load_preset(f"tiny-{family}")
-        model, processor = load_model(preset, device=args.device)
-        settings = resolve_settings(preset=preset, overrides={"eval_batch_size": args.batch_size})
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        model, processor, preset = build(family, device=args.device, dtype=dtype, vision_layers=args.vit_layers)
-        settings = settings_for(preset, eval_batch_size=args.batch_size)
+    model, processor, preset, settings = evaluation_model(family, args.quick, args.device, args.dtype,
+                                                          args.batch_size, vision_layers=args.vit_layers)
     for p in model.parameters():  # as after lora.apply_experiment: the ViT is frozen (else the cache is off)
         p.requires_grad_(False)
     print(f"machine: {machine()}")

@@ -22,8 +22,8 @@ from instructblip_peft import cli
 from instructblip_peft.errors import UserError
 from instructblip_peft.train import train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
-from test_resume import EXPERIMENT, SETTINGS, assert_same_run, final_state
+from train_fixtures import FAST, SINGLE_THREAD_ENV
+from test_resume import EXPERIMENT, SETTINGS, assert_same_run, data, final_state, uninterrupted  # noqa: F401 (fixtures)
 
 TESTS_DIR = Path(__file__).parent
 ENV = {**os.environ, **SINGLE_THREAD_ENV}
@@ -106,18 +106,6 @@ def run_until_killed(mode: str, nth: int, out: Path, data: Path, settings: dict 
 def leftovers(out: Path) -> list[str]:
     """Half-written files a later run could trip over (temp files of io.atomic_path)."""
     return sorted(p.name for p in out.rglob("*.tmp") if p.is_file())
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_colour_dataset(tmp_path_factory.mktemp("processed"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    train("scienceqa", EXPERIMENT, out, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
-    return final_state(out)
 
 
 # 3 epochs of 4 steps; checkpoints (in order): steps 2, 4, end of epoch 1 (step 4), 6, 8, end of epoch 2, ...;
