@@ -24,7 +24,7 @@ def cmd_params(args) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{row['experiment']:>20}  {row['llm']:9} {row['group']:26} {row['rank'] or '-':>4} "
+            print(f"{row['experiment']:>20}  {row['llm']:9} {row['label']:26} {row['rank'] or '-':>4} "
                   f"{row['trainable_params']:>13,} {row['lora_params']:>12,} {row['total_params']:>15,} "
                   f"{100 * row['trainable_share_of_full_qformer']:>21.2f}%", flush=True)
     return 0
@@ -37,7 +37,7 @@ def _overrides(pairs) -> dict:
 def cmd_preprocess(args) -> int:
     from . import runner
 
-    out = runner.preprocess(args.dataset, args.raw, args.processed, _overrides(args.param))
+    out = runner.execute_preprocess(args.dataset, args.raw, args.processed, _overrides(args.param))
     print(f"{args.dataset}: processed data in {out.parent} (executed notebook: {out})")
     return 0
 
@@ -76,28 +76,31 @@ def cmd_analyze(args) -> int:
 
 
 def _print_results(analysis_dir) -> None:
-    table = analysis_dir / "results.md"
+    from .analysis import REPORT_FILES
+    from .artifacts import notebook_name
+
+    table = analysis_dir / REPORT_FILES["markdown"]
     if table.is_file():
         print(table.read_text(), end="")
-    print(f"results table: {table} (and results.csv); figures: "
+    print(f"results table: {table} (and {REPORT_FILES['csv']}); figures: "
           f"{', '.join(str(p) for p in sorted(analysis_dir.glob('*.png')))}; "
-          f"executed notebook: {analysis_dir / '04_analysis.ipynb'}")
+          f"executed notebook: {analysis_dir / notebook_name('analysis')}")
 
 
 def cmd_demo(args) -> int:
     import time
 
     from . import runner
-    from .config import load_yaml
+    from .config import load_yaml, outputs_root
 
     demo = load_yaml("runner.yaml")["demo"]
-    outputs = runner.outputs_root(args.outputs) / demo["outputs_subdir"]
+    outputs = outputs_root(args.outputs) / demo["outputs_subdir"]
     # The demo's processed sample lives with its runs, so it never replaces real processed data.
     processed = outputs / demo["processed_subdir"]
     start = time.monotonic()
     for dataset in demo["datasets"]:
         print(f"preprocess {dataset} (bundled sample) into {processed / dataset}", flush=True)
-        runner.preprocess(dataset, processed_dir=processed)
+        runner.execute_preprocess(dataset, processed_dir=processed)
     ids = ",".join(str(i) for i in demo["experiments"])
     failed = []
     for dataset in demo["datasets"]:
