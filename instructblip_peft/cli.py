@@ -38,7 +38,19 @@ def cmd_preprocess(args) -> int:
     from . import runner
 
     out = runner.execute_preprocess(args.dataset, args.raw, args.processed, _overrides(args.param))
+    if not args.raw:
+        from .data.download import default_source_line
+        print(f"{args.dataset}: {default_source_line(args.dataset)}")
     print(f"{args.dataset}: processed data in {out.parent} (executed notebook: {out})")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .data.download import download, raw_root
+
+    final = download(args.dataset, args.dest, args.url, progress=sys.stderr.isatty())
+    raw = "" if final.parent == raw_root() else f" --raw {final}"
+    print(f"{args.dataset}: data in {final}; next: instructblip-peft preprocess {args.dataset}{raw}")
     return 0
 
 
@@ -92,6 +104,7 @@ def cmd_demo(args) -> int:
 
     from . import runner
     from .config import load_yaml, outputs_root
+    from .data.sample import ensure_sample
 
     demo = load_yaml("runner.yaml")["demo"]
     outputs = outputs_root(args.outputs) / demo["outputs_subdir"]
@@ -100,7 +113,7 @@ def cmd_demo(args) -> int:
     start = time.monotonic()
     for dataset in demo["datasets"]:
         print(f"preprocess {dataset} (bundled sample) into {processed / dataset}", flush=True)
-        runner.execute_preprocess(dataset, processed_dir=processed)
+        runner.execute_preprocess(dataset, ensure_sample() / dataset, processed_dir=processed)  # never a real download
     ids = ",".join(str(i) for i in demo["experiments"])
     failed = []
     for dataset in demo["datasets"]:
@@ -141,10 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")
         p.add_argument("--force", action="store_true", help="run again even if finished")
 
+    p = sub.add_parser("download", help="fetch scienceqa or iconqa from the official sources (params/download.yaml);"
+                                       " resumes an interrupted download")
+    p.add_argument("dataset", help="scienceqa or iconqa")
+    p.add_argument("--dest", default=None, help="put the data in DEST/<dataset>/ (default: raw_dir of "
+                                                "params/paths.yaml, where preprocess finds it without --raw)")
+    p.add_argument("--url", default=None, help="download from here instead (a mirror): for iconqa the archive's "
+                                               "URL; for scienceqa, made of several files, a folder URL holding "
+                                               "them under their names in params/download.yaml")
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("preprocess", help="raw data -> processed splits (notebook 01)")
     p.add_argument("dataset", help="scienceqa, iconqa or custom")
-    p.add_argument("--raw", default=None, help="raw data directory (default: the bundled sample, generated "
-                                               "if missing); for scienceqa also hub:derek-thomas/ScienceQA")
+    p.add_argument("--raw", default=None, help="raw data directory (default: the `download` in raw_dir of "
+                                               "params/paths.yaml if there is one, else the bundled sample); for "
+                                               "scienceqa also hub:derek-thomas/ScienceQA")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="keep_text_only or skip_invalid (params/data.yaml)")
     p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")

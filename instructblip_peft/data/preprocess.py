@@ -21,12 +21,14 @@ HUB_PREFIX = "hub:"
 
 
 def raw_source(dataset: str, raw_dir: str | os.PathLike | None):
-    """What to preprocess: a directory, the bundled sample (generated if missing) when raw_dir is empty,
-    or for ScienceQA `hub:<name>` (e.g. hub:derek-thomas/ScienceQA), loaded with datasets.load_dataset."""
+    """What to preprocess: a directory; when raw_dir is empty, <raw_dir>/<dataset> of paths.yaml if it holds a
+    finished `instructblip-peft download`, else the bundled sample (generated if missing); or for ScienceQA
+    `hub:<name>` (e.g. hub:derek-thomas/ScienceQA), loaded with datasets.load_dataset."""
+    from .download import finished_download
     from .sample import ensure_sample
 
     if not raw_dir:
-        return ensure_sample() / dataset
+        return finished_download(dataset) or ensure_sample() / dataset
     if str(raw_dir).startswith(HUB_PREFIX):
         from datasets import load_dataset
 
