@@ -8,6 +8,10 @@
 - `predictions_{val,test}.jsonl`, then `metrics.json` last: its status "finished" marks a complete run;
 - the executed notebooks (names from params/runner.yaml) and `run.lock`.
 
+An exported folder (`instructblip-peft export`) is laid out the same way, without checkpoints, predictions
+and notebooks, plus its model card `README.md`; `--merged` puts a plain transformers checkpoint in place of
+the adapter and trained tensors.
+
 Light on purpose (no torch): the runner, the analysis and the notebooks ask it questions about runs.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ BEST_DIR = "best"
 ADAPTER_DIR = "adapter"
 TRAINED_TENSORS = "trained_tensors.safetensors"
 LOCK = "run.lock"
+MODEL_CARD = "README.md"
 SPLITS_PREDICTED = ("val", "test")
 
 
@@ -79,6 +84,10 @@ class RunDir:
     def trained_tensors(self) -> Path:
         return self.path / TRAINED_TENSORS
 
+    @property
+    def model_card(self) -> Path:
+        return self.path / MODEL_CARD
+
     @staticmethod
     def predictions_name(split: str) -> str:
         return f"predictions_{split}.jsonl"
@@ -105,6 +114,14 @@ class RunDir:
 
     def run_info(self) -> dict:
         return read_json(self.run_info_file, "run info (is this a run's output directory?)")
+
+    def finished_run_info(self) -> dict:
+        """run.json of a finished run; a UserError when the run (or exported folder) is not finished."""
+        info = self.run_info()
+        if not self.is_finished():
+            raise UserError(f"{self.path}: the run has not finished (no finished {self.metrics_file.name}); run it "
+                            "to the end first")
+        return info
 
     def check_identity(self, **expected) -> None:
         """A finished run of another dataset/experiment/preset must not pass for the one asked for."""

@@ -131,6 +131,93 @@ def cmd_demo(args) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- use and share a fine-tuned model
+
+def cmd_predict(args) -> int:
+    from .data.prompts import LETTERS
+    from .predict import predict, predict_file
+
+    single = [f"--{name}" for name in ("image", "question", "choice", "context")
+              if getattr(args, name) not in (None, [])]
+    if args.input:
+        if single:
+            raise UserError(f"predict: give either --input FILE or a single question, not both ({', '.join(single)} "
+                            "with --input)")
+        out, rows = predict_file(args.run, args.input, args.output, device=args.device)
+        ranked = [r for r in rows if "correct" in r]
+        right = sum(r["correct"] for r in ranked)
+        score = f"; {right}/{len(ranked)} correct where answers were given" if ranked else ""
+        print(f"{len(rows)} predictions written to {out}{score}")
+        return 0
+    if args.question is None:
+        raise UserError("predict: give --question TEXT (with --image PATH and --choice A --choice B ...), or "
+                        "--input FILE.jsonl")
+    if args.output:
+        raise UserError("predict: --output goes with --input FILE.jsonl")
+    result = predict(args.run, args.question, args.choice, args.image, args.context or "", device=args.device)
+    if "generated" in result:
+        print(f"answer (generated): {result['generated']}")
+        return 0
+    width = max(len(c) for c in result["choices"]) + 4
+    print(f"{'choice':<{width}}  {'score':>9}  {'share':>6}   (score: summed cross-entropy, lower is better)")
+    for i, (choice, s, p) in enumerate(zip(result["choices"], result["scores"], result["probabilities"])):
+        mark = "  <- answer" if i == result["predicted"] else ""
+        print(f"{f'({LETTERS[i]}) {choice}':<{width}}  {s:>9.4f}  {p:>6.1%}{mark}")
+    print(f"answer: {result['predicted_answer']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export, exported_files
+
+    dest = export(args.run, args.dest, merged=args.merged)
+    kind = "merged transformers checkpoint" if args.merged else "adapter folder"
+    print(f"exported {args.run} to {dest} ({kind}): {', '.join(exported_files(dest))}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .export import push
+
+    url = push(args.run, args.repo_id, private=args.private, merged=args.merged)
+    print(f"pushed {args.run} to {url}")
+    return 0
+
+
+def _add_sharing_commands(sub) -> None:
+    where = "a run directory, an exported folder or a hub repo id (owner/name)"
+    p = sub.add_parser("predict", help="ask a finished run about an image: rank choices as evaluation does, or "
+                                       "generate a free answer")
+    p.add_argument("run", help=where)
+    p.add_argument("--image", default=None, help="the picture (without it: the blank image of text-only questions)")
+    p.add_argument("--question", default=None, help="the question")
+    p.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                   help="a candidate answer (repeat: 2 to 5); none: generate a free answer")
+    p.add_argument("--context", default=None, help="context text (ScienceQA's hint and lecture)")
+    p.add_argument("--input", default=None, metavar="FILE.jsonl",
+                   help="many questions, one JSON per line in the custom data format (answer_index and choices "
+                        "optional; images relative to the file)")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="with --input: where the predictions go (default: beside it, <name>.predictions.jsonl)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a finished run as a self-contained folder with a model card; --merged: "
+                                      "a plain transformers checkpoint")
+    p.add_argument("run", help=where)
+    p.add_argument("dest", help="the new folder (must not exist)")
+    p.add_argument("--merged", action="store_true",
+                   help="merge LoRA into the base weights: loads with transformers alone")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="export a finished run and upload it to the Hugging Face Hub")
+    p.add_argument("run", help=where)
+    p.add_argument("repo_id", help="owner/name on the hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--merged", action="store_true", help="upload the merged checkpoint instead of the adapter")
+    p.set_defaults(func=cmd_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructblip-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
@@ -197,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(settings: params/runner.yaml)")
     p.add_argument("--outputs", default=None, help="the demo writes to OUTPUTS/demo/")
     p.set_defaults(func=cmd_demo)
+    _add_sharing_commands(sub)
     for p in sub.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks for errors")

@@ -87,3 +87,43 @@ def right_and_wrong(records: list[dict], predictions: dict, n: int = 4) -> tuple
     right = [r for r in records if r["question_id"] in predictions and predictions[r["question_id"]]["correct"]]
     wrong = [r for r in records if r["question_id"] in predictions and not predictions[r["question_id"]]["correct"]]
     return right[:n], wrong[:n]
+
+
+# ---------------------------------------------------------------- a prediction (predict.py's result)
+
+def prediction_chart(result: dict, image_path: Path | None = None, title: str | None = None):
+    """The picture beside the choices ranked as evaluation ranks them: a bar per choice, its share among
+    the choices (softmax of minus the summed cross-entropy), the score written on it, the answer
+    highlighted. A free (generated) answer is shown as text."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1, 2.2]})
+    left.set_axis_off()
+    if image_path is not None:
+        with Image.open(image_path) as im:
+            left.imshow(im.convert("RGB"))
+    else:
+        left.text(0.5, 0.5, "no image", ha="center", va="center", transform=left.transAxes, color="gray")
+    wrapped = "\n".join(textwrap.wrap(result["question"], 60)[:3])
+    right.set_title(title or wrapped, fontsize=9, loc="left")
+    if "generated" in result:
+        right.set_axis_off()
+        right.text(0, 0.5, "generated: " + "\n".join(textwrap.wrap(result["generated"], 60)[:6]),
+                   transform=right.transAxes, va="center", family="monospace", fontsize=9)
+    else:
+        labels = [textwrap.shorten(f"({LETTERS[i]}) {c}", 40) for i, c in enumerate(result["choices"])]
+        shares = result["probabilities"]
+        colours = ["tab:green" if i == result["predicted"] else "tab:gray" for i in range(len(labels))]
+        bars = right.barh(range(len(labels)), shares, color=colours)
+        right.set_yticks(range(len(labels)), labels, fontsize=9)
+        right.invert_yaxis()
+        right.set_xlim(0, 1.15)
+        right.set_xlabel("share among the choices (softmax of minus the summed cross-entropy)", fontsize=8)
+        for bar, share, score in zip(bars, shares, result["scores"]):
+            right.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{share:.0%}  (score {score:.3f})",
+                       va="center", fontsize=8)
+        for side in ("top", "right"):
+            right.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -4,6 +4,9 @@ whole model back (`load_finetuned(run_dir)`) to evaluate or predict with it.
 - `adapter/`: the LoRA weights in peft's format (`PeftModel.from_pretrained(base, run_dir/"adapter")`);
 - `trained_tensors.safetensors`: every other trained tensor (query tokens, projection, layer norm, and the
   whole Q-Former where it trains), by name from the InstructBLIP root.
+
+`load_finetuned` also reads what `instructblip-peft export` writes (the same layout; with `--merged`, a plain
+checkpoint whose run.json says "merged"), locally or from the hub by repo id.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from .artifacts import RunDir
 from .config import Settings
 from .errors import UserError
 from .experiments import get_experiment
+from .hub import fetch
 from .io import atomic_dir
 from .lora import base_model, non_lora_trainable, quiet_peft_deprecations
 from .model import default_dtype, load_model, load_preset
@@ -39,10 +43,11 @@ def _adapter_dir(run: RunDir) -> Path | None:
 def load_finetuned(output_dir, device: str | torch.device = "cpu"):
     """(model, processor, run_info) of a finished run: the preset's base model (tiny presets rebuilt from
     the recorded seed, real ones loaded from their source), the adapter and the trained tensors applied.
+    `output_dir` may also be an exported folder or its hub repo id (downloaded once, then cached).
     The model is in eval mode; run_info["settings"] is a Settings."""
     from peft import PeftModel
 
-    run = RunDir(output_dir)
+    run = RunDir(fetch(output_dir))
     info = run.run_info()
     if not run.is_finished():
         raise UserError(f"{run.path}: the run has not finished (no finished {run.metrics_file.name}); run it to "
@@ -51,15 +56,16 @@ def load_finetuned(output_dir, device: str | torch.device = "cpu"):
     exp = get_experiment(info["experiment"])
     device = torch.device(device)
     dtype = torch.float32 if device.type == "cpu" else default_dtype(device)
-    model, processor = load_model(preset, source=info.get("model_source"), dtype=dtype, device="cpu",
-                                  seed=info.get("model_seed", 0))
-    if exp.train and exp.has_lora:
+    merged = bool(info.get("merged"))  # `export --merged`: LoRA and trained tensors are in the checkpoint
+    model, processor = load_model(preset, source=str(run.path) if merged else info.get("model_source"),
+                                  dtype=dtype, device="cpu", seed=info.get("model_seed", 0))
+    if exp.train and exp.has_lora and not merged:
         adapter = _adapter_dir(run)
         if adapter is None:
             raise UserError(f"{run.adapter}: missing adapter_config.json (incomplete run directory)")
         with quiet_peft_deprecations():
             model = PeftModel.from_pretrained(model, str(adapter))
-    if exp.train:
+    if exp.train and not merged:
         tensors = ckpt.load_tensors(run.trained_tensors)
         params = dict(base_model(model).named_parameters())
         unknown = sorted(set(tensors) - set(params))
