@@ -21,7 +21,7 @@ from pathlib import Path
 from .artifacts import RunDir
 from .errors import UserError
 from .experiments import get_experiment
-from .hub import fetch, is_repo_id, upload
+from .hf_hub import fetch, is_repo_id, upload
 from .io import atomic_dir, complete_dir, read_json, write_json, write_text
 from .model_card import model_card
 

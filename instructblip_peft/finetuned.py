@@ -19,7 +19,7 @@ from .artifacts import RunDir
 from .config import Settings
 from .errors import UserError
 from .experiments import get_experiment
-from .hub import fetch
+from .hf_hub import fetch
 from .io import atomic_dir
 from .lora import base_model, non_lora_trainable, quiet_peft_deprecations
 from .model import default_dtype, load_model, load_preset

@@ -15,7 +15,7 @@ import yaml
 from .config import load_yaml
 from .data.prompts import candidate_texts, render_prompt
 from .experiments import get_experiment, lora_spec
-from .hub import is_repo_id
+from .hf_hub import is_repo_id
 
 
 def card_settings() -> dict:

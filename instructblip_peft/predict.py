@@ -95,7 +95,7 @@ def finished_source(source) -> tuple[Path, dict]:
     """The local folder of `source` (downloaded if a hub repo id) and its run.json; a UserError when it is
     not a finished run, before any model is loaded."""
     from .artifacts import RunDir
-    from .hub import fetch
+    from .hf_hub import fetch
 
     run = RunDir(fetch(source))
     return run.path, run.finished_run_info()
