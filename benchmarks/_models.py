@@ -3,6 +3,7 @@
 - ViT: 4 layers, width 768, 224 px, patch 14 (257 tokens, like ViT-g's sequence; 4 of its 39 layers).
 - Q-Former: the real width and depth (768, 12 layers, cross-attention every 2nd layer, 32 queries).
 - LLM: T5 with 6 + 6 layers at d_model 512, or a LLaMA of 8 layers at width 512.
+(mid_preset's *_layers arguments change the depths: train_step.py uses a 4-layer Q-Former, a 12-layer LLaMA.)
 Tokenizers are the tiny presets' (offline, a few hundred tokens), so the LM head is far smaller than a real
 32k vocabulary: timings understate the head's share.
 Shared by benchmarks/eval_ranking.py, eval_vision_cache.py, train_step.py and gpu_real_size.py.
@@ -28,18 +29,24 @@ TEXT = {
 }
 
 
-def mid_preset(family: str, image_size: int = 224, max_txt_len: int = 128, vision_layers: int | None = None) -> dict:
-    """A preset dict (the shape of presets.yaml's tiny ones) that model.load_model builds randomly."""
+def mid_preset(family: str, image_size: int = 224, max_txt_len: int = 128, vision_layers: int | None = None,
+               qformer_layers: int | None = None, llm_layers: int | None = None) -> dict:
+    """A preset dict (the shape of presets.yaml's tiny ones) that model.load_model builds randomly.
+    llm_layers: T5's encoder and decoder layers each, or LLaMA's layers."""
     if family not in TEXT:
         raise ValueError(f"family must be one of {list(TEXT)}, got {family!r}")
+    text = dict(TEXT[family])
+    if llm_layers:
+        text.update({"num_layers": llm_layers, "num_decoder_layers": llm_layers} if family == "t5"
+                    else {"num_hidden_layers": llm_layers})
     return {
         "name": f"mid-{family}",
         "llm": "flant5xl" if family == "t5" else "vicuna7b",
         "family": family,
         "tiny": {"image_size": image_size, "patch_size": 14,
                  "vision": dict(VISION, **({"num_hidden_layers": vision_layers} if vision_layers else {})),
-                 "qformer": dict(QFORMER),
-                 "num_query_tokens": 32, "text": dict(TEXT[family])},
+                 "qformer": dict(QFORMER, **({"num_hidden_layers": qformer_layers} if qformer_layers else {})),
+                 "num_query_tokens": 32, "text": text},
         "train": {"batch_size": 8, "grad_accum_steps": 1, "eval_batch_size": 8},
         "data": {"image_size": image_size, "max_txt_len": max_txt_len, "max_output_txt_len": 32},
     }
@@ -111,9 +118,13 @@ def write_random_images(records: list[dict], root, size: int = 224, seed: int = 
         r["meta"]["has_image"] = True
 
 
-def machine() -> str:
+def machine(device: str | torch.device | None = None) -> str:
+    """The CPU, torch's threads, the device (`device`, else the first GPU if any) and torch's version."""
+    device = torch.device(device) if device is not None else None
     dev = "cpu"
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    elif device is None and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(0)
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"device {dev}, torch {torch.__version__}")

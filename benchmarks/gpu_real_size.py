@@ -42,7 +42,8 @@ from instructblip_peft.data.batches import IGNORE_INDEX  # noqa: E402
 from instructblip_peft.experiments import get_experiment  # noqa: E402
 from instructblip_peft.io import write_json  # noqa: E402
 from instructblip_peft.lora import apply_experiment, base_model, trainable_parameters  # noqa: E402
-from instructblip_peft.model import architecture_config, load_preset, preset_for  # noqa: E402
+from instructblip_peft.model import (architecture_config, load_preset, preset_for,  # noqa: E402
+                                     set_gradient_checkpointing)
 
 GiB = 2**30
 # A 24 GB card leaves about 23 GiB to tensors after the CUDA context and allocator slack.
@@ -158,23 +159,9 @@ def train_parameters_in_fp32(model) -> list[torch.nn.Parameter]:
     return params
 
 
-def set_checkpointing(model, on: bool) -> None:
-    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; accept either.
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_disable()
-
-
 def measure(model, batch: dict, device: torch.device, dtype: torch.dtype, checkpointing: bool, warmup: int,
             steps: int, count_flops: bool) -> dict:
-    set_checkpointing(base_model(model), checkpointing)
+    set_gradient_checkpointing(base_model(model), checkpointing)
     model.train()
     params = train_parameters_in_fp32(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=device.type == "cuda")
@@ -259,7 +246,7 @@ def run_preset(preset: dict, experiment_ids: list[str], args, device: torch.devi
             p.requires_grad_(False)
             if p.dtype != dtype:
                 p.data = p.data.to(dtype)
-        set_checkpointing(base_model(model), False)
+        set_gradient_checkpointing(base_model(model), False)
     del model, batch
     gc.collect()
     if device.type == "cuda":

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import functools
 import math
-import platform
 import random
 import statistics
 import sys
@@ -37,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._models import machine, mid_preset  # noqa: E402
 from instructblip_peft.config import resolve_settings  # noqa: E402
 from instructblip_peft.data.batches import (  # noqa: E402
     IGNORE_INDEX, ImageTransform, QADataset, TrainCollator, encode_prompts, epoch_batches)
@@ -44,40 +44,31 @@ from instructblip_peft.data.prompts import render_prompt, target_text  # noqa: E
 from instructblip_peft.experiments import get_experiment  # noqa: E402
 from instructblip_peft.io import write_json  # noqa: E402
 from instructblip_peft.lora import apply_experiment, trainable_parameters  # noqa: E402
-from instructblip_peft.model import _TINY_WORDS, _tiny_llm_tokenizer, load_model, load_preset  # noqa: E402
+from instructblip_peft.model import load_model, load_preset  # noqa: E402
 
 MODES = ("static", "dynamic", "grouped")
 EXPERIMENT = {"t5": "32", "llama": "64"}  # Q-Former+LLM LoRA all, rank 8
 
-# Mid-size random models: a ViT of 4 layers at 224 px (257 patch tokens), a real-width Q-Former
-# (768 wide, 32 queries) cut to 4 layers, and a T5 of 6+6 layers at d_model 512 or a LLaMA of similar
-# size. The vision tower takes about a third of the step, like ViT-g in the real model.
-_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4, "num_attention_heads": 12}
-_QFORMER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4, "num_attention_heads": 12,
-            "cross_attention_frequency": 2}
-MID = {
-    "t5": {"text": {"d_model": 512, "d_ff": 1024, "d_kv": 64, "num_layers": 6, "num_decoder_layers": 6,
-                    "num_heads": 8, "initializer_factor": 0.05}},
-    "llama": {"text": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 12,
-                       "num_attention_heads": 8, "num_key_value_heads": 8}},
-}
-
-
-def mid_preset(family: str) -> dict:
-    """A preset dict in the shape of the tiny presets, so model.load_model builds it with its tokenizers."""
-    return {"name": f"mid-{family}", "family": family,
-            "tiny": {"image_size": 224, "patch_size": 14, "vision": _VISION, "qformer": _QFORMER,
-                     "num_query_tokens": 32, **MID[family]}}
+# Mid-size random models (benchmarks/_models.py): a ViT of 4 layers at 224 px (257 patch tokens), a
+# real-width Q-Former (768 wide, 32 queries) cut to 4 layers, and a T5 of 6+6 layers at d_model 512 or a
+# LLaMA of 12 layers at width 512. The vision tower takes about a third of the step, like ViT-g in the real
+# model.
+QFORMER_LAYERS = 4
+LLM_LAYERS = {"t5": None, "llama": 12}  # None: _models.py's depth (T5: 6 + 6)
 
 
 # ---------------------------------------------------------------- the prompt-length mix
 
 @functools.lru_cache(maxsize=None)
 def _single_token_words(family: str) -> tuple[str, ...]:
-    # Words the tiny LLM tokenizer encodes as one token after a space, so word counts are token counts
-    # (the Q-Former tokenizer knows all of them whole too).
-    tok = _tiny_llm_tokenizer(family)
-    return tuple(w for w in _TINY_WORDS if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1)
+    """Words the tiny LLM tokenizer encodes as one token after a space and the Q-Former tokenizer knows
+    whole, so word counts are token counts: the whole words of the Q-Former vocabulary (in vocabulary
+    order) that are one LLM token."""
+    _, processor = load_model(load_preset(f"tiny-{family}"))  # a tiny random model: only its tokenizers count
+    vocab = processor.qformer_tokenizer.get_vocab()
+    words = [w for w in sorted(vocab, key=vocab.get) if w.isalpha() and len(w) > 1]
+    tok = processor.tokenizer
+    return tuple(w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1)
 
 
 def _text(rng: random.Random, n_tokens: int, family: str) -> str:
@@ -230,7 +221,8 @@ def check_padding_invariance(model, dataset, collators, lengths, batch_size, see
 
 def run_family(family: str, args, device: torch.device) -> dict:
     tiny = args.tiny
-    preset = load_preset(f"tiny-{family}") if tiny else mid_preset(family)
+    preset = (load_preset(f"tiny-{family}") if tiny
+              else mid_preset(family, qformer_layers=QFORMER_LAYERS, llm_layers=LLM_LAYERS[family]))
     experiment = get_experiment(EXPERIMENT[family])
     settings = resolve_settings("scienceqa", experiment, load_preset(f"tiny-{family}") if tiny else None)
     max_txt_len = args.max_txt_len or settings.max_txt_len
@@ -319,12 +311,6 @@ def run_family(family: str, args, device: torch.device) -> dict:
     return result
 
 
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def report(result: dict) -> None:
     r, p = result, result["prompt_tokens"]
     print(f"\n== {r['model']} (experiment {r['experiment']}), trainable {r['trainable_params']:,} of "
@@ -369,8 +355,8 @@ def main(argv=None) -> dict:
     if args.count_flops is None:
         args.count_flops = device.type == "cpu"
     torch.manual_seed(args.seed)
-    print(f"machine: {describe_machine(device)}; mix {args.mix}; fp32; num_workers {args.num_workers}")
-    results = {"machine": describe_machine(device), "mix": args.mix, "num_workers": args.num_workers,
+    print(f"machine: {machine(device)}; mix {args.mix}; fp32; num_workers {args.num_workers}")
+    results = {"machine": machine(device), "mix": args.mix, "num_workers": args.num_workers,
                "results": []}
     for family in args.family:
         result = run_family(family, args, device)

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from instructblip_peft.model import load_preset
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -40,7 +42,20 @@ def test_train_step_padding_modes_keep_per_sample_losses(family, tmp_path):
     # Static batches are always padded to the full prompt width; dynamic padding of the same batches never
     # exceeds it. (Grouped batches are other batches: for LLaMA their answers, part of the width, differ.)
     assert modes["dynamic"]["mean_llm_width"] <= modes["static"]["mean_llm_width"]
-    assert result["speedup_grouped_vs_static"] > 0
+    # Static width: placeholders + max_txt_len prompt tokens (+ the batch's longest answer for LLaMA).
+    static_prompt = load_preset(f"tiny-{family}")["tiny"]["num_query_tokens"] + result["max_txt_len"]
+    if family == "t5":
+        assert modes["static"]["mean_llm_width"] == static_prompt
+    else:
+        assert modes["static"]["mean_llm_width"] > static_prompt
+    # Every mode timed the same number of samples (the untimed warm-up batch not among them) ...
+    for m in modes.values():
+        assert m["samples_per_s"] * m["seconds"] == pytest.approx(result["batches"] * result["batch_size"])
+    # ... and the reported speedups are the ratios of the measured throughputs, the right way round.
+    rate = {name: m["samples_per_s"] for name, m in modes.items()}
+    assert result["speedup_grouped_vs_static"] == pytest.approx(rate["grouped"] / rate["static"])
+    assert result["speedup_dynamic_vs_static"] == pytest.approx(rate["dynamic"] / rate["static"])
+    assert result["speedup_grouped_vs_dynamic"] == pytest.approx(rate["grouped"] / rate["dynamic"])
 
 
 def test_mixes_have_the_intended_length_spread():

@@ -13,39 +13,7 @@ from instructblip_peft.data.records import load_split
 from instructblip_peft.data.sample import generate_sample
 from instructblip_peft.errors import UserError
 
-
-def _png(path: Path, colour=(200, 0, 0)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), colour).save(path)
-
-
-def _problem(question="What color is the shape?", choices=("red", "blue"), answer=1, hint="A hint.",
-             lecture="A lecture.", image="image.png", split="train", subject="natural science", **kw):
-    return {"question": question, "choices": list(choices), "answer": answer, "hint": hint, "image": image,
-            "task": "closed choice", "grade": "grade3", "subject": subject, "topic": "physics",
-            "category": "Identify colors", "skill": "s", "lecture": lecture, "solution": "", "split": split, **kw}
-
-
-def scienceqa_raw(root: Path, json_subdir: str = ".", image_parent: str = ".") -> Path:
-    """Six problems: two per split with an image, plus one text-only problem in train."""
-    problems = {
-        "1": _problem(),
-        "2": _problem(question="Which shape is shown?", choices=["circle", "square", "star"], answer=0,
-                      hint="", lecture="", subject="social science"),
-        "3": _problem(image=None, hint="The shape is red.", lecture="", subject="language science"),
-        "4": _problem(split="val"), "5": _problem(split="val", hint="", lecture="Only a lecture."),
-        "6": _problem(split="test"), "7": _problem(split="test"),
-    }
-    splits = {"train": ["1", "2", "3"], "val": ["4", "5"], "test": ["6", "7"], "trainval": ["1", "2", "3", "4", "5"],
-              "minitrain": ["1"], "minival": ["4"], "minitest": ["6"]}
-    jdir = root / json_subdir
-    jdir.mkdir(parents=True, exist_ok=True)
-    (jdir / "problems.json").write_text(json.dumps(problems))
-    (jdir / "pid_splits.json").write_text(json.dumps(splits))
-    for pid, p in problems.items():
-        if p["image"]:
-            _png(root / image_parent / "images" / p["split"] / pid / "image.png")
-    return root
+from raw_fixtures import edit_problems, edit_splits, png, scienceqa_raw
 
 
 def _leftovers(processed: Path) -> list[str]:
@@ -120,7 +88,7 @@ def test_reprocessing_keeps_other_files_and_removes_a_stale_report(tmp_path):
     preprocess("scienceqa", raw, tmp_path / "proc", skip_invalid=True, progress=False)
     out = tmp_path / "proc" / "scienceqa"
     (out / "01_preprocess.ipynb").write_text("{}")  # e.g. the executed notebook that ran preprocessing
-    _png(raw / "images/train/2/image.png")
+    png(raw / "images/train/2/image.png")
     preprocess("scienceqa", raw, tmp_path / "proc", progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["01_preprocess.ipynb", "manifest.json", "test.json",
                                                      "train.json", "val.json"]
@@ -167,7 +135,7 @@ def test_iconqa_exact_prompt(tmp_path):
     for split in ("train", "val", "test"):
         d = qdir / split / "choose_txt" / "7"
         d.mkdir(parents=True)
-        _png(d / "image.png")
+        png(d / "image.png")
         (d / "data.json").write_text(json.dumps({"question": "Which is third?", "choices": ["fish", "sub"],
                                                  "answer": 1, "ques_type": "choose_txt", "grade": "grade1",
                                                  "label": "A25"}))
@@ -175,7 +143,7 @@ def test_iconqa_exact_prompt(tmp_path):
     for split in ("val", "test"):  # the other splits hold other ids
         d = qdir / split / "choose_txt" / f"{split}8"
         d.mkdir(parents=True)
-        _png(d / "image.png")
+        png(d / "image.png")
         (d / "data.json").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0,
                                                  "ques_type": "choose_txt", "grade": "prek", "label": "x"}))
     (tmp_path / "raw" / "iconqa_data" / "pid2skills.json").write_text(json.dumps({"7": ["counting"]}))
@@ -224,7 +192,7 @@ def test_hub_schema(tmp_path):
 
 def _custom_raw(root: Path, train_lines: list) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    _png(root / "imgs" / "a.png")
+    png(root / "imgs" / "a.png")
     ok = {"image": "imgs/a.png", "question": "What color?", "choices": ["red", "blue"], "answer_index": 0}
     for split, lines in (("train", train_lines), ("val", [ok]), ("test", [ok])):
         (root / f"{split}.jsonl").write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n"
@@ -247,38 +215,26 @@ def test_custom_jsonl(tmp_path):
 
 # ---- bad input ------------------------------------------------------------------------------------
 
-def _edit_problems(raw, fn):
-    p = json.loads((raw / "problems.json").read_text())
-    fn(p)
-    (raw / "problems.json").write_text(json.dumps(p))
-
-
-def _edit_splits(raw, fn):
-    s = json.loads((raw / "pid_splits.json").read_text())
-    fn(s)
-    (raw / "pid_splits.json").write_text(json.dumps(s))
-
-
 BAD_SCIENCEQA = {
     "missing problems": (lambda raw: (raw / "problems.json").unlink(), "problems.json", None, "not found"),
     "malformed problems": (lambda raw: (raw / "problems.json").write_text('{"1": {'), "problems.json", None,
                            "not valid JSON"),
     "missing split file": (lambda raw: (raw / "pid_splits.json").unlink(), "pid_splits.json", None, "missing"),
-    "split without test": (lambda raw: _edit_splits(raw, lambda s: s.pop("test")), "pid_splits.json", None,
+    "split without test": (lambda raw: edit_splits(raw, lambda s: s.pop("test")), "pid_splits.json", None,
                            "missing split(s) test"),
-    "pid not in problems": (lambda raw: _edit_splits(raw, lambda s: s["val"].append("99")), "pid_splits.json",
+    "pid not in problems": (lambda raw: edit_splits(raw, lambda s: s["val"].append("99")), "pid_splits.json",
                             "'99'", "not in problems.json"),
-    "answer out of range": (lambda raw: _edit_problems(raw, lambda p: p["4"].update(answer=2)), "problems.json",
+    "answer out of range": (lambda raw: edit_problems(raw, lambda p: p["4"].update(answer=2)), "problems.json",
                             "'4'", "answer index 2 out of range"),
-    "empty choices": (lambda raw: _edit_problems(raw, lambda p: p["5"].update(choices=[])), "problems.json",
+    "empty choices": (lambda raw: edit_problems(raw, lambda p: p["5"].update(choices=[])), "problems.json",
                       "'5'", "empty or missing choices"),
-    "six choices": (lambda raw: _edit_problems(raw, lambda p: p["6"].update(choices=list("abcdef"))),
+    "six choices": (lambda raw: edit_problems(raw, lambda p: p["6"].update(choices=list("abcdef"))),
                     "problems.json", "'6'", "6 choices"),
     "missing image": (lambda raw: (raw / "images/test/7/image.png").unlink(), "problems.json", "'7'",
                       "image not found"),
     "unreadable image": (lambda raw: (raw / "images/train/2/image.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken"),
                          "problems.json", "'2'", "image unreadable"),
-    "duplicate id across splits": (lambda raw: _edit_splits(raw, lambda s: s["test"].append("1")),
+    "duplicate id across splits": (lambda raw: edit_splits(raw, lambda s: s["test"].append("1")),
                                    "pid_splits.json", "'1'", "duplicate id"),
     "duplicate key in problems": (lambda raw: (raw / "problems.json").write_text(
         (raw / "problems.json").read_text().replace('{"1": ', '{"1": {}, "1": ', 1)), "problems.json", "'1'",
@@ -302,7 +258,7 @@ def test_scienceqa_bad_input_one_clear_error_and_nothing_written(tmp_path, case)
 
 def test_skip_invalid_reports_every_dropped_record(tmp_path):
     raw = scienceqa_raw(tmp_path / "raw")
-    _edit_problems(raw, lambda p: (p["4"].update(answer=5), p["6"].update(choices=[])))
+    edit_problems(raw, lambda p: (p["4"].update(answer=5), p["6"].update(choices=[])))
     (raw / "images/train/2/image.png").unlink()
     manifest = preprocess("scienceqa", raw, tmp_path / "proc", skip_invalid=True, progress=False)
     assert manifest["counts"] == {"train": 1, "val": 1, "test": 1}

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from instructblip_peft.config import resolve_settings
+from instructblip_peft.data.batches import encode_prompts, pad, pad_id
+from instructblip_peft.data.prompts import render_prompt
 from instructblip_peft.evaluate import (VisionCache, breakdown, evaluate, parse_choice, score_naive,
                                         vision_cache_for)
 from instructblip_peft.experiments import get_experiment
@@ -133,16 +135,53 @@ def test_the_image_changes_the_scores(tmp_path, preset, family):
     assert all(a != b for a, b in zip(scores[0], scores[2]))
 
 
-def test_generate_mode_predicts_parsed_choices(tmp_path):
-    model, processor = load_model("tiny-llama")
-    records = _records(tmp_path, n=3)
-    settings = _settings("tiny-llama", eval_mode="generate", max_output_txt_len=4)
-    result = evaluate(model, processor, records, tmp_path, "iconqa", settings, "llama", progress=False)
-    for p, r in zip(result.predictions, records):
-        assert isinstance(p["generated"], str)
-        assert p["predicted"] == (parse_choice(p["generated"], r["choices"]) if parse_choice(
-            p["generated"], r["choices"]) is not None else -1)
-        assert p["correct"] == (p["predicted"] == r["answer_index"])
+# (question, choices, answer_index, what the LLM "generates", the choice it must be read as: -1 = none)
+GENERATED = [
+    ("which color is the big circle on the left of the picture?", ["red", "blue"], 1, "(b) blue", 1),
+    ("which color?", ["red", "blue", "green"], 2, "nonsense", -1),
+    ("which shape is shown in the small picture at the top?", ["circle", "square"], 0, "Square.", 1),
+    ("is it a star?", ["yellow", "purple"], 1, "(e)", -1),
+    ("which of these is the top one in the picture on the right?", ["left", "right", "top"], 0,
+     "the answer is (a)", 0),
+]
+
+
+def test_generate_mode_parses_what_the_llm_generates(lora_model, tmp_path, monkeypatch):
+    """The LLM's generate is replaced by one that answers each question with a known text; the predictions,
+    their correctness and the accuracy must follow from those texts, in the records' order."""
+    model, processor, family, preset = lora_model
+    records = [{"question_id": f"g{i}", "image": None, "question": q, "choices": choices, "answer_index": answer,
+                "answer": "", "context": "", "meta": {}} for i, (q, choices, answer, _, _) in enumerate(GENERATED)]
+    settings = _settings(preset, eval_mode="generate", max_output_txt_len=7)  # eval_batch_size 3: two batches
+    # The stub tells the questions apart by their prompt's length (placeholders + prompt tokens).
+    widths = [len(ids) for ids in encode_prompts(processor, [render_prompt(r, "iconqa") for r in records],
+                                                 settings.max_txt_len)["input_ids"]]
+    assert len(set(widths)) == len(widths)
+    answer_for = {w: g[3] for w, g in zip(widths, GENERATED)}
+    tok = processor.tokenizer
+    calls = []
+
+    def generate(*, inputs_embeds, attention_mask, **kwargs):
+        calls.append(kwargs)
+        assert inputs_embeds.shape[:2] == attention_mask.shape
+        texts = [answer_for[int(w)] for w in attention_mask.sum(-1)]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        if family == "t5":  # an encoder-decoder's output starts with the decoder start token
+            ids = [[lm.config.decoder_start_token_id] + x for x in ids]
+        return pad(ids, pad_id(tok))
+
+    lm = base_model(model).language_model
+    monkeypatch.setattr(lm, "generate", generate)
+    result = evaluate(model, processor, records, tmp_path, "iconqa", settings, family, progress=False)
+
+    assert len(calls) == 2
+    assert all(c["do_sample"] is False and c["max_new_tokens"] == 7 for c in calls)
+    assert [p["question_id"] for p in result.predictions] == [r["question_id"] for r in records]
+    assert [p["generated"].strip() for p in result.predictions] == [g[3] for g in GENERATED]
+    assert [p["predicted"] for p in result.predictions] == [g[4] for g in GENERATED]
+    assert [p["correct"] for p in result.predictions] == [True, False, False, False, True]
+    assert result.accuracy == pytest.approx(2 / 5)
+    assert result.mode == "generate" and all(p["scores"] == [] for p in result.predictions)
 
 
 @pytest.mark.parametrize("text, expected", [

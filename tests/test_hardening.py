@@ -23,8 +23,11 @@ from instructblip_peft import cli
 from instructblip_peft.errors import UserError
 from instructblip_peft.train import train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV
-from test_resume import EXPERIMENT, SETTINGS, assert_same_run, data, final_state, uninterrupted  # noqa: F401 (fixtures)
+from raw_fixtures import edit_problems, scienceqa_raw
+from train_fixtures import EXPERIMENT, FAST, SETTINGS, SINGLE_THREAD_ENV, assert_same_run, final_state
+
+# Fixtures from conftest.py: data (the processed colour dataset), uninterrupted (final_state of the same run
+# never interrupted).
 
 TESTS_DIR = Path(__file__).parent
 ENV = {**os.environ, **SINGLE_THREAD_ENV}
@@ -323,9 +326,8 @@ def _broken_params(t):
 
 
 def _bad_scienceqa_raw(t):
-    from test_data_records import _edit_problems, scienceqa_raw
     raw = scienceqa_raw(t.root / "raw")
-    _edit_problems(raw, lambda p: p["4"].update(answer=7))
+    edit_problems(raw, lambda p: p["4"].update(answer=7))
     t.raw = raw
 
 

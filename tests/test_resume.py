@@ -1,6 +1,5 @@
 """A run killed at any point (SIGKILL, right after a checkpoint) and started again ends exactly where an
 uninterrupted run ends: same trainable weights, metrics, predictions and log."""
-import csv
 import json
 import os
 import signal
@@ -10,16 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from instructblip_peft.train import train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
+from train_fixtures import EXPERIMENT, SETTINGS, SINGLE_THREAD_ENV, assert_same_run, final_state
 
-EXPERIMENT = "31"  # Q-Former + LLM LoRA: the Q-Former's dropout makes the torch RNG part of the state
-SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2, checkpoint_every_steps=2)
-TIMING_KEYS = {"wall_time_s", "train_samples_per_s", "eval_questions_per_s", "peak_memory_mb"}
+# Fixtures from conftest.py: data (the processed colour dataset), uninterrupted (final_state of the same run
+# never interrupted).
 
 TRAIN_SCRIPT = """
 import sys
@@ -60,42 +56,6 @@ def start_and_kill(out: Path, data: Path, settings: dict, when) -> dict:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def final_state(out: Path) -> dict:
-    metrics = json.loads((out / "metrics.json").read_text())
-    with open(out / "train_log.csv", newline="") as f:
-        log = list(csv.DictReader(f))
-    return {
-        "metrics": {k: v for k, v in metrics.items() if k not in TIMING_KEYS},
-        "last": load_file(out / "checkpoint" / "trainable.safetensors"),
-        "best": load_file(out / "trained_tensors.safetensors"),
-        "adapter": load_file(out / "adapter" / "adapter_model.safetensors"),
-        "predictions": [(out / f"predictions_{s}.jsonl").read_text() for s in ("val", "test")],
-        "log": log,
-    }
-
-
-def assert_same_run(a: dict, b: dict) -> None:
-    assert a["metrics"] == b["metrics"]
-    for key in ("last", "best", "adapter"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}: {name} differs"
-    assert a["predictions"] == b["predictions"]
-    assert a["log"] == b["log"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_colour_dataset(tmp_path_factory.mktemp("processed"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    train("scienceqa", EXPERIMENT, out, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
-    return final_state(out)
 
 
 def test_killed_mid_epoch_resumes_to_the_same_end(data, uninterrupted, tmp_path):

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,16 +19,13 @@ from instructblip_peft.lora import apply_experiment, trainable_parameters
 from instructblip_peft.model import load_model
 from instructblip_peft.train import NonFiniteLossError, lr_for_epoch, param_groups, train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
+from train_fixtures import FAST, SINGLE_THREAD_ENV
+
+# `data` (the processed colour dataset) is conftest.py's fixture.
 
 # Q-Former + LLM LoRA (rank 4, FlanT5 family): LoRA on both sides plus the always-trained tensors.
 EXPERIMENT = "31"
 SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_colour_dataset(tmp_path_factory.mktemp("processed"))
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,17 @@
-"""A small processed dataset for training tests: colour questions on solid-colour images.
-
-The answer is the image's colour, so a model that learns to look at the image beats chance.
+"""Helpers for training tests: a small processed dataset of colour questions on solid-colour images (the
+answer is the image's colour, so a model that learns to look at the image beats chance), fast settings, and
+the comparison of a resumed run's end state with an uninterrupted run's.
 """
 from __future__ import annotations
 
+import csv
+import json
 import random
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from instructblip_peft.io import write_json
 
@@ -59,3 +62,35 @@ def make_colour_dataset(root: Path, n_train: int = 32, n_eval: int = 16, seed: i
 # Fast settings for tests: few samples, frequent checkpoints and logs, no augmentation noise in order.
 FAST = dict(epochs=2, batch_size=4, grad_accum_steps=1, max_train_samples=16, max_eval_samples=8,
             eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2)
+
+
+# ---------------------------------------------------------------- interrupted runs end like uninterrupted ones
+
+EXPERIMENT = "31"  # Q-Former + LLM LoRA: the Q-Former's dropout makes the torch RNG part of the state
+SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2, checkpoint_every_steps=2)
+TIMING_KEYS = {"wall_time_s", "train_samples_per_s", "eval_questions_per_s", "peak_memory_mb"}
+
+
+def final_state(out: Path) -> dict:
+    """Everything a finished run leaves that must not depend on interruptions (timings excluded)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "train_log.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    return {
+        "metrics": {k: v for k, v in metrics.items() if k not in TIMING_KEYS},
+        "last": load_file(out / "checkpoint" / "trainable.safetensors"),
+        "best": load_file(out / "trained_tensors.safetensors"),
+        "adapter": load_file(out / "adapter" / "adapter_model.safetensors"),
+        "predictions": [(out / f"predictions_{s}.jsonl").read_text() for s in ("val", "test")],
+        "log": log,
+    }
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["metrics"] == b["metrics"]
+    for key in ("last", "best", "adapter"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}: {name} differs"
+    assert a["predictions"] == b["predictions"]
+    assert a["log"] == b["log"]
