@@ -46,10 +46,14 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval_mode": ("rank", "generate"),
     "lr_schedule": ("linear_per_epoch",),
+    "peft_method": ("lora", "dora", "rslora", "adalora", "ia3"),
+    "quantize": ("none", "4bit", "8bit"),
 }
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
-            "max_train_samples", "max_eval_samples"}
+            "max_train_samples", "max_eval_samples", "lora_alpha", "adalora_delta_t"}
+# Settings that must lie in [0, 1) (probabilities and fractions of a run).
+FRACTIONS = {"lora_dropout", "adalora_tinit", "adalora_tfinal", "adalora_beta1", "adalora_beta2"}
 
 
 def default_settings() -> dict:
@@ -102,7 +106,27 @@ def check_value(key: str, value: Any, default: Any) -> Any:
         raise UserError(f"setting '{key}' must be one of {list(CHOICES[key])}, got {value!r}")
     if key in POSITIVE and value <= 0:
         raise UserError(f"setting '{key}' must be positive, got {value!r}")
+    if key in FRACTIONS and not 0 <= value < 1:
+        raise UserError(f"setting '{key}' must be in [0, 1), got {value!r}")
+    if key == "adalora_init_rank_factor" and value <= 1:
+        raise UserError(f"setting '{key}' must be above 1 (AdaLoRA prunes from the initial rank down to the "
+                        f"experiment's rank), got {value!r}")
+    if key == "adalora_orth_reg_weight" and value < 0:
+        raise UserError(f"setting '{key}' must be >= 0, got {value!r}")
     return value
+
+
+def check_combination(settings: Mapping[str, Any]) -> None:
+    """Constraints between settings (each value is already valid on its own)."""
+    if settings.get("peft_method") == "adalora" and settings["adalora_tinit"] + settings["adalora_tfinal"] >= 1:
+        raise UserError(f"settings 'adalora_tinit' + 'adalora_tfinal' must be below 1 (a fraction of the run is "
+                        f"left for pruning ranks), got {settings['adalora_tinit']} + {settings['adalora_tfinal']}")
+    if settings.get("quantize", "none") != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError(f"setting 'quantize {settings['quantize']}' needs bitsandbytes: "
+                            "pip install 'instructblip-peft[quant]' (or pip install bitsandbytes)") from None
 
 
 def validate_overrides(overrides: Mapping[str, Any] | None, defaults: dict | None = None) -> dict:
@@ -139,6 +163,7 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
                     raise UserError(f"presets.yaml: preset '{preset['name']}' sets unknown key '{key}'")
                 merged[key] = check_value(key, value, defaults[key])
     merged.update(validate_overrides(overrides, defaults))
+    check_combination(merged)
     return Settings(merged)
 
 

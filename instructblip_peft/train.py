@@ -26,12 +26,13 @@ from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .artifacts import (BEST_DIR, CHECKPOINT_DIR, METRICS, RUN_INFO, TRAIN_LOG, predictions_file,
+from .artifacts import (ADALORA_RANKS, ADALORA_RANKS_FIGURE, BEST_DIR, CHECKPOINT_DIR, METRICS, RUN_INFO, TRAIN_LOG, predictions_file,
                         write_finetuned)
 from .accounting import count_parameters, full_qformer_size
 from .config import path_setting, resolve_settings
 from .errors import UserError
-from .experiments import get_experiment
+from .experiments import RANKLESS_METHODS, check_method, get_experiment
+from .importance import method_state
 from .io import atomic_path, read_json, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
 from .model import default_dtype, family_of, load_model, preset_for
@@ -139,7 +140,7 @@ def _clear_run(output_dir: Path) -> None:
     for name in (CHECKPOINT_DIR, BEST_DIR, "adapter"):
         ckpt.remove_dir(output_dir / name)
     for name in (METRICS, TRAIN_LOG, "trained_tensors.safetensors", predictions_file("val"),
-                 predictions_file("test"), RUN_INFO):
+                 predictions_file("test"), RUN_INFO, ADALORA_RANKS, ADALORA_RANKS_FIGURE):
         (output_dir / name).unlink(missing_ok=True)
 
 
@@ -155,6 +156,7 @@ def train(dataset: str, experiment, output_dir, processed_dir=None, preset: str 
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)
     settings = resolve_settings(dataset, exp, preset_dict, overrides)
+    check_method(exp, settings)
     processed_dir = Path(processed_dir) if processed_dir is not None else default_processed_dir(dataset)
     output_dir = Path(output_dir)
 
@@ -208,14 +210,28 @@ class _Run:
                 "model_seed": s.seed, "model_source": self.preset.get("source"),
                 "processed_dir": str(self.processed_dir), "settings": dict(s)}
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (max_steps, or all epochs; early stopping may end it sooner)."""
+        s = self.settings
+        n = len(_load_records(self.processed_dir, "train", s.max_train_samples)[0])
+        per_process = math.ceil(math.ceil(n / s.batch_size) / self.acc.num_processes)
+        total = math.ceil(per_process / (s.grad_accum_steps or 1)) * s.epochs
+        return min(total, s.max_steps) if s.max_steps else total
+
     def build_model(self):
         dtype = torch.float32 if self.device.type == "cpu" else default_dtype(self.device)
         info = self.run_info()
-        model, processor = load_model(self.preset, dtype=dtype, device="cpu", seed=info["model_seed"])
+        quantize = self.settings.quantize
+        # A quantized LLM is loaded straight onto the device (bitsandbytes weights are not moved later).
+        model, processor = load_model(self.preset, dtype=dtype, device=self.device if quantize != "none" else "cpu",
+                                      seed=info["model_seed"], quantize=quantize)
         # LoRA's initial A matrices are drawn from the global torch RNG (seeded randomly at start-up):
         # seeding it makes the starting point, and so the whole run, a function of the seed.
         torch.manual_seed(self.settings.seed)
-        model = apply_experiment(model, self.exp)
+        # AdaLoRA's schedule is in optimizer steps of this run.
+        total = self.total_steps() if self.exp.train and self.settings.peft_method == "adalora" else None
+        model = apply_experiment(model, self.exp, self.settings, total_steps=total)
+        self.method = method_state(model, self.settings)
         # Trainable tensors stay fp32 under autocast: the optimizer then updates full-precision weights.
         for p in trainable_parameters(model).values():
             p.data = p.data.float()
@@ -298,6 +314,7 @@ class _Run:
             if loaded["scaler"] is not None and acc.scaler is not None:
                 acc.scaler.load_state_dict(loaded["scaler"])
             ckpt.set_rng_state(*loaded["rng"])
+            self.method.load(*loaded["method"])
             state.update(loaded["state"])
             if self.progress:
                 print(f"resuming {out} from epoch {state['epoch'] + 1}, step {state['global_step']}")
@@ -311,7 +328,8 @@ class _Run:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 state["wall_time_s"] = self.wall_offset + time.time() - self.start_time
-                ckpt.save_checkpoint(path, trainable, optimizer, dict(state, **(extra_state or {})), acc.scaler)
+                ckpt.save_checkpoint(path, trainable, optimizer, dict(state, **(extra_state or {})), acc.scaler,
+                                     method=self.method.state())
             acc.wait_for_everyone()
 
         log_file = open(log_path, "a", newline="") if acc.is_main_process else None
@@ -360,6 +378,8 @@ class _Run:
                         if acc.sync_gradients and s.max_grad_norm:
                             acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
                         optimizer.step()
+                        if acc.sync_gradients:  # AdaLoRA: importance from this step's gradients, rank budget
+                            self.method.after_optimizer_step(state["global_step"] + 1)
                         optimizer.zero_grad(set_to_none=True)
                     detached = loss.detach().float()
                     nonfinite |= ~torch.isfinite(detached)
@@ -466,7 +486,10 @@ class _Run:
         counts = count_parameters(model)
         metrics = {
             "dataset": self.dataset, "experiment": self.exp.id, "preset": self.preset["name"],
-            "llm": self.exp.llm, "group": self.exp.label, "rank": self.exp.rank, "status": "finished",
+            "llm": self.exp.llm, "group": self.exp.label,
+            "rank": None if self.exp.has_lora and s.peft_method in RANKLESS_METHODS else self.exp.rank,
+            "peft_method": s.peft_method if self.exp.has_lora else None, "quantize": s.quantize,
+            "status": "finished",
             "val_accuracy": val_accuracy, "test_accuracy": test.accuracy,
             "val_breakdown": val_breakdown, "test_breakdown": test.breakdown,
             **counts, "full_qformer_params": full_qformer_size(model),
@@ -485,6 +508,7 @@ class _Run:
         if acc.is_main_process:
             if state is not None:
                 write_finetuned(out, model)
+                self.method.write_results(out)
                 with atomic_path(out / predictions_file("val")) as tmp:
                     shutil.copyfile(val_predictions_src, tmp)
             else:
