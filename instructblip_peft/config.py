@@ -2,7 +2,8 @@
 
 `resolve_settings` merges, in order of precedence (last wins):
 train.yaml + data.yaml defaults < the experiment's recipe (learning rate, epochs)
-< the preset's values (per-LLM batch size; the tiny presets' own overrides) < the user's overrides.
+< the preset's values (per-LLM batch size; the tiny presets' own overrides, then those for the run's
+peft_method under `method_train`) < the user's overrides.
 Unknown keys and wrongly typed values are errors.
 """
 from __future__ import annotations
@@ -156,13 +157,19 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
     if experiment is not None and dataset is not None:
         merged["learning_rate"] = experiment.learning_rate(dataset)
         merged["epochs"] = experiment.epochs(dataset)
+    user = validate_overrides(overrides, defaults)
     if preset is not None:
-        for section in ("train", "data"):
-            for key, value in (preset.get(section) or {}).items():
+        method = user.get("peft_method", merged["peft_method"])
+        by_method = preset.get("method_train") or {}
+        unknown = sorted(set(by_method) - set(CHOICES["peft_method"]))
+        if unknown:
+            raise UserError(f"presets.yaml: preset '{preset['name']}' has method_train for unknown method(s) {unknown}")
+        for section in (preset.get("train"), preset.get("data"), by_method.get(method)):
+            for key, value in (section or {}).items():
                 if key not in defaults:
                     raise UserError(f"presets.yaml: preset '{preset['name']}' sets unknown key '{key}'")
                 merged[key] = check_value(key, value, defaults[key])
-    merged.update(validate_overrides(overrides, defaults))
+    merged.update(user)
     check_combination(merged)
     return Settings(merged)
 

@@ -176,9 +176,15 @@ def train(dataset: str, experiment, output_dir, processed_dir=None, preset: str 
         elif metrics_path.is_file():
             metrics = read_json(metrics_path, "metrics")
             if metrics.get("status") == "finished":
-                for key, want in (("dataset", dataset), ("experiment", exp.id), ("preset", preset_dict["name"])):
-                    if metrics.get(key) != want:
-                        raise UserError(f"{output_dir} holds a finished run of {key} '{metrics.get(key)}', not "
+                # Runs of another method or quantization belong in another directory (experiments.run_name);
+                # runs finished before the method axis existed were LoRA, unquantized.
+                have = dict(metrics, peft_method=metrics.get("peft_method", "lora" if exp.has_lora else None),
+                            quantize=metrics.get("quantize", "none"))
+                method = settings.peft_method if exp.has_lora else None
+                for key, want in (("dataset", dataset), ("experiment", exp.id), ("preset", preset_dict["name"]),
+                                  ("peft_method", method), ("quantize", settings.quantize)):
+                    if have.get(key) != want:
+                        raise UserError(f"{output_dir} holds a finished run of {key} '{have.get(key)}', not "
                                         f"'{want}': choose another output directory or pass force=True")
                 if progress and accelerator.is_main_process:
                     print(f"{output_dir}: already finished (val {metrics['val_accuracy']:.4f}, test "

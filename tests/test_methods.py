@@ -162,3 +162,14 @@ def test_quantized_bytes_match_what_bitsandbytes_holds():
         assert est["frozen_bytes"] - (plain["frozen_bytes"] - quantized_fp32) == held, quantize
     bf16, q4 = memory_estimate("64"), memory_estimate("64", overrides={"quantize": "4bit"})
     assert q4["quantized_params"] > 6_400_000_000 and q4["frozen_bytes"] < 0.42 * bf16["frozen_bytes"]
+
+
+def test_a_finished_run_of_another_method_is_not_taken_for_this_one(tmp_path):
+    """Until a run's directory says its method, a LoRA run's directory must not answer for DoRA."""
+    from instructblip_peft.io import write_json
+    from instructblip_peft.train import train
+    write_json(tmp_path / "metrics.json", {"status": "finished", "dataset": "scienceqa", "experiment": "31",
+                                           "preset": "tiny-t5", "val_accuracy": 0.5, "test_accuracy": 0.5})
+    with pytest.raises(UserError, match="holds a finished run of peft_method 'lora', not 'dora'"):
+        train("scienceqa", "31", tmp_path, preset="tiny", progress=False, peft_method="dora")
+    assert train("scienceqa", "31", tmp_path, preset="tiny", progress=False)["val_accuracy"] == 0.5
