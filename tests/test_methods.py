@@ -173,3 +173,13 @@ def test_a_finished_run_of_another_method_is_not_taken_for_this_one(tmp_path):
     with pytest.raises(UserError, match="holds a finished run of peft_method 'lora', not 'dora'"):
         train("scienceqa", "31", tmp_path, preset="tiny", progress=False, peft_method="dora")
     assert train("scienceqa", "31", tmp_path, preset="tiny", progress=False)["val_accuracy"] == 0.5
+
+
+def test_tiny_presets_take_their_per_method_learning_rate():
+    from instructblip_peft.model import load_preset
+    exp = get_experiment("61")
+    resolve = lambda **kw: resolve_settings("scienceqa", exp, load_preset("tiny-llama"), kw)  # noqa: E731
+    assert resolve(peft_method="ia3").learning_rate == 3e-2       # presets.yaml: method_train
+    assert resolve(peft_method="dora").learning_rate == 3e-3      # the preset's own
+    assert resolve(peft_method="ia3", learning_rate=1e-3).learning_rate == 1e-3  # the user's wins
+    assert resolve_settings("scienceqa", exp, load_preset("vicuna7b"), {"peft_method": "ia3"}).learning_rate == 1e-4
