@@ -6,6 +6,7 @@
 - `adapter/`: the LoRA weights in peft's format; `trained_tensors.safetensors`: every other trained tensor
   (finetuned.py writes and reads both);
 - `predictions_{val,test}.jsonl`, then `metrics.json` last: its status "finished" marks a complete run;
+- AdaLoRA runs: `adalora_ranks.json`, every adapted module's final rank and importance, and its figure;
 - the executed notebooks (names from params/runner.yaml) and `run.lock`.
 
 An exported folder (`instructblip-peft export`) is laid out the same way, without checkpoints, predictions
@@ -33,6 +34,8 @@ BEST_DIR = "best"
 ADAPTER_DIR = "adapter"
 TRAINED_TENSORS = "trained_tensors.safetensors"
 LOCK = "run.lock"
+ADALORA_RANKS = "adalora_ranks.json"        # AdaLoRA: final rank and importance of every adapted module
+ADALORA_RANKS_FIGURE = "adalora_ranks.png"  # ... drawn: Q-Former layer x sublayer, and the LLM's share
 MODEL_CARD = "README.md"
 SPLITS_PREDICTED = ("val", "test")
 
@@ -88,6 +91,14 @@ class RunDir:
     def model_card(self) -> Path:
         return self.path / MODEL_CARD
 
+    @property
+    def adalora_ranks(self) -> Path:
+        return self.path / ADALORA_RANKS
+
+    @property
+    def adalora_ranks_figure(self) -> Path:
+        return self.path / ADALORA_RANKS_FIGURE
+
     @staticmethod
     def predictions_name(split: str) -> str:
         return f"predictions_{split}.jsonl"
@@ -123,14 +134,17 @@ class RunDir:
                             "to the end first")
         return info
 
-    def check_identity(self, **expected) -> None:
-        """A finished run of another dataset/experiment/preset must not pass for the one asked for."""
+    def check_identity(self, absent: dict | None = None, **expected) -> None:
+        """A finished run of another dataset/experiment/preset/method must not pass for the one asked for.
+        `absent`: what a key means in a metrics.json written before the key existed."""
         metrics = self.metrics() or {}
         for key, want in expected.items():
-            have = metrics.get(key)
-            if have is not None and have != want:
-                raise UserError(f"{self.path} holds a finished run of {key} '{have}', not '{want}': use --force "
-                                "(force=True) to replace it, or choose another output directory (--outputs)")
+            have = metrics.get(key, (absent or {}).get(key))
+            if key in metrics or key in (absent or {}):
+                if have != want:
+                    raise UserError(f"{self.path} holds a finished run of {key} '{have}', not '{want}': use "
+                                    "--force (force=True) to replace it, or choose another output directory "
+                                    "(--outputs)")
 
     def predictions_rows(self, split: str = "test") -> dict[str, dict]:
         """A split's predictions by question id ({} when the run has none)."""
@@ -147,7 +161,7 @@ class RunDir:
         for d in (self.checkpoint, self.best, self.adapter):
             remove_dir(d)
         for f in (self.metrics_file, self.train_log, self.trained_tensors, self.run_info_file,
-                  *(self.predictions(s) for s in SPLITS_PREDICTED)):
+                  self.adalora_ranks, self.adalora_ranks_figure, *(self.predictions(s) for s in SPLITS_PREDICTED)):
             f.unlink(missing_ok=True)
 
     def lock(self) -> "RunLock":

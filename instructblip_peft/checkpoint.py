@@ -4,6 +4,7 @@ A checkpoint directory holds
 - `trainable.safetensors`: every trainable tensor (LoRA and the other trained tensors), by name;
 - `optimizer.safetensors`: the optimizer's per-parameter tensors (AdamW moments and step counts);
 - `rng.safetensors`: the torch CPU and CUDA generator states;
+- `method.safetensors` (AdaLoRA only): the peft method's own training state (its smoothed importance scores);
 - `state.json`: everything else (epoch, position in the epoch, step, best-so-far, history, optimizer
   hyper-parameters, python/numpy RNG states, loss-scaler state).
 No pickle anywhere: tensors are safetensors, the rest JSON. A checkpoint is written as a whole directory
@@ -26,6 +27,7 @@ from .io import atomic_dir, atomic_path, complete_dir, write_json
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
+METHOD = "method.safetensors"
 STATE = "state.json"
 
 
@@ -99,16 +101,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 # ---------------------------------------------------------------- whole checkpoints
 
 def save_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, state: dict,
-                    scaler=None) -> None:
-    """Write a complete checkpoint to `path` (atomically, as a directory)."""
+                    scaler=None, method: tuple[dict[str, torch.Tensor], dict] | None = None) -> None:
+    """Write a complete checkpoint to `path` (atomically, as a directory). `method`: the peft method's own
+    state as (tensors, JSON-able), see importance.MethodState."""
     opt_tensors, opt_meta = optimizer_tensors_and_meta(optimizer)
     rng_tensors, rng_meta = rng_state()
+    method_tensors, method_meta = method or ({}, {})
     full_state = dict(state, optimizer=opt_meta, rng=rng_meta,
-                      scaler=scaler.state_dict() if scaler is not None else None)
+                      scaler=scaler.state_dict() if scaler is not None else None, method=method_meta)
     with atomic_dir(path) as tmp:
         save_tensors(tmp / TRAINABLE, trainable)
         save_tensors(tmp / OPTIMIZER, opt_tensors)
         save_tensors(tmp / RNG, rng_tensors)
+        if method_tensors:
+            save_tensors(tmp / METHOD, method_tensors)
         write_json(tmp / STATE, full_state, indent=None)
 
 
@@ -127,10 +133,17 @@ def load_checkpoint(path: Path) -> dict:
         # back to: say what is damaged and how to go on.
         raise UserError(f"{e}: the checkpoint in {path} is damaged; delete {path} or pass force=True "
                         "(--force) to start over") from None
+    method_meta = state.pop("method", None) or {}
+    try:
+        method_tensors = load_tensors(path / METHOD) if (path / METHOD).is_file() else {}
+    except UserError as e:
+        raise UserError(f"{e}: the checkpoint in {path} is damaged; delete {path} or pass force=True "
+                        "(--force) to start over") from None
     return {"trainable": tensors[TRAINABLE],
             "optimizer": optimizer_state_dict(tensors[OPTIMIZER], state.pop("optimizer")),
             "rng": (tensors[RNG], state.pop("rng")),
             "scaler": state.pop("scaler", None),
+            "method": (method_tensors, method_meta),
             "state": state}
 
 

@@ -19,8 +19,9 @@ def cmd_params(args) -> int:
     if not args.json:
         print(f"{'ID':>20}  {'LLM':9} {'group':26} {'rank':>4} {'trainable':>13} {'LoRA':>12} "
               f"{'total':>15} {'% of full Q-Former FT':>22}")
+    overrides = _overrides(args.param)
     for i in ids:
-        row = account(i, args.preset)
+        row = account(i, args.preset, overrides)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", help="experiment IDs: 28, 1-64, 13,28,64 or a baseline name")
     p.add_argument("--preset", default=None, help="count on this preset instead of the experiment's real LLM")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="a setting that changes the counts, e.g. -p peft_method dora")
     p.set_defaults(func=cmd_params)
 
     def run_options(p, preset_default):

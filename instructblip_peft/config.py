@@ -2,7 +2,8 @@
 
 `resolve_settings` merges, in order of precedence (last wins):
 train.yaml + data.yaml defaults < the experiment's recipe (learning rate, epochs)
-< the preset's values (per-LLM batch size; the tiny presets' own overrides) < the user's overrides.
+< the preset's values (per-LLM batch size; the tiny presets' own overrides, then those for the run's
+peft_method under `method_train`) < the user's overrides.
 Unknown keys and wrongly typed values are errors.
 """
 from __future__ import annotations
@@ -46,10 +47,14 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval_mode": ("rank", "generate"),
     "lr_schedule": ("linear_per_epoch",),
+    "peft_method": ("lora", "dora", "rslora", "adalora", "ia3"),
+    "quantize": ("none", "4bit", "8bit"),
 }
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
-            "max_train_samples", "max_eval_samples"}
+            "max_train_samples", "max_eval_samples", "lora_alpha", "adalora_delta_t"}
+# Settings that must lie in [0, 1) (probabilities and fractions of a run).
+FRACTIONS = {"lora_dropout", "adalora_tinit", "adalora_tfinal", "adalora_beta1", "adalora_beta2"}
 
 
 def default_settings() -> dict:
@@ -102,7 +107,27 @@ def check_value(key: str, value: Any, default: Any) -> Any:
         raise UserError(f"setting '{key}' must be one of {list(CHOICES[key])}, got {value!r}")
     if key in POSITIVE and value <= 0:
         raise UserError(f"setting '{key}' must be positive, got {value!r}")
+    if key in FRACTIONS and not 0 <= value < 1:
+        raise UserError(f"setting '{key}' must be in [0, 1), got {value!r}")
+    if key == "adalora_init_rank_factor" and value <= 1:
+        raise UserError(f"setting '{key}' must be above 1 (AdaLoRA prunes from the initial rank down to the "
+                        f"experiment's rank), got {value!r}")
+    if key == "adalora_orth_reg_weight" and value < 0:
+        raise UserError(f"setting '{key}' must be >= 0, got {value!r}")
     return value
+
+
+def check_combination(settings: Mapping[str, Any]) -> None:
+    """Constraints between settings (each value is already valid on its own)."""
+    if settings.get("peft_method") == "adalora" and settings["adalora_tinit"] + settings["adalora_tfinal"] >= 1:
+        raise UserError(f"settings 'adalora_tinit' + 'adalora_tfinal' must be below 1 (a fraction of the run is "
+                        f"left for pruning ranks), got {settings['adalora_tinit']} + {settings['adalora_tfinal']}")
+    if settings.get("quantize", "none") != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError(f"setting 'quantize {settings['quantize']}' needs bitsandbytes: "
+                            "pip install 'instructblip-peft[quant]' (or pip install bitsandbytes)") from None
 
 
 def validate_overrides(overrides: Mapping[str, Any] | None, defaults: dict | None = None) -> dict:
@@ -132,13 +157,20 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
     if experiment is not None and dataset is not None:
         merged["learning_rate"] = experiment.learning_rate(dataset)
         merged["epochs"] = experiment.epochs(dataset)
+    user = validate_overrides(overrides, defaults)
     if preset is not None:
-        for section in ("train", "data"):
-            for key, value in (preset.get(section) or {}).items():
+        method = user.get("peft_method", merged["peft_method"])
+        by_method = preset.get("method_train") or {}
+        unknown = sorted(set(by_method) - set(CHOICES["peft_method"]))
+        if unknown:
+            raise UserError(f"presets.yaml: preset '{preset['name']}' has method_train for unknown method(s) {unknown}")
+        for section in (preset.get("train"), preset.get("data"), by_method.get(method)):
+            for key, value in (section or {}).items():
                 if key not in defaults:
                     raise UserError(f"presets.yaml: preset '{preset['name']}' sets unknown key '{key}'")
                 merged[key] = check_value(key, value, defaults[key])
-    merged.update(validate_overrides(overrides, defaults))
+    merged.update(user)
+    check_combination(merged)
     return Settings(merged)
 
 

@@ -125,11 +125,76 @@ def parse_ids(text) -> list[str]:
 
 
 def lora_spec() -> dict:
-    """alpha, dropout, bias (shared by every experiment)."""
-    spec = dict(_spec()["lora"])
-    if not (isinstance(spec.get("alpha"), (int, float)) and spec["alpha"] > 0):
-        raise UserError(f"experiments.yaml: lora.alpha must be positive, got {spec.get('alpha')!r}")
-    return spec
+    """bias (shared by every experiment; alpha and dropout are settings: lora_alpha, lora_dropout)."""
+    return dict(_spec()["lora"])
+
+
+def ia3_feedforward_patterns(experiment: Experiment) -> list[str]:
+    """Regular expressions of this experiment's target modules that IA3 treats as feed-forward (their input
+    is scaled, not their output)."""
+    ff = _spec()["ia3_feedforward"]
+    pats = [ff["qformer"].get(k) for k in experiment.qformer_targets]
+    pats += [ff[experiment.family].get(k) for k in experiment.llm_targets]
+    return [p for p in pats if p]
+
+
+def quantization_spec() -> dict:
+    """skip_modules (names kept unquantized) and the 4-bit format."""
+    return dict(_spec()["quantization"])
+
+
+# ---------------------------------------------------------------- the method axis
+
+RANKLESS_METHODS = ("ia3",)   # peft methods without a rank: the rank axis collapses to one run per group
+
+
+def method_suffix(settings, experiment: Experiment | None = None) -> str:
+    """What a run directory name adds to the experiment ID for a non-default method or quantization:
+    '' (LoRA, no quantization), '+dora', '+4bit', '+adalora+8bit', ... For an experiment without adapters
+    (the baselines) the method does not apply and only the quantization shows."""
+    suffix = ""
+    method = settings.get("peft_method", "lora")
+    if method != "lora" and (experiment is None or experiment.has_lora):
+        suffix += "+" + method
+    if settings.get("quantize", "none") != "none":
+        suffix += "+" + settings["quantize"]
+    return suffix
+
+
+def representative_id(experiment: Experiment, settings) -> str:
+    """The ID whose run stands for `experiment` under this method: itself, except for rankless methods
+    (IA3), where every rank of a group is one run, that of the group's lowest-rank ID."""
+    if settings.get("peft_method", "lora") not in RANKLESS_METHODS or experiment.number is None \
+            or not experiment.has_lora:
+        return experiment.id
+    ranks = _spec()["ranks"]
+    return str(experiment.number - ranks.index(experiment.rank))
+
+
+def run_name(experiment_id, settings) -> str:
+    """The run directory name of an experiment under these settings: '28', '28+dora', '25+ia3' (for IDs
+    25-28), '64+adalora+4bit'. Distinct runs never share a name; IDs that are one run share it."""
+    exp = get_experiment(experiment_id)
+    return representative_id(exp, settings) + method_suffix(settings, exp)
+
+
+def run_names(ids, settings) -> list[str]:
+    """run_name of each ID, duplicates dropped (a sweep runs each once), in order."""
+    return list(dict.fromkeys(run_name(i, settings) for i in ids))
+
+
+def check_method(experiment: Experiment, settings) -> None:
+    """Refuse what a method cannot do with an experiment, in one line. (Experiments without adapters, the
+    baselines, take any method: it does not apply to them.)"""
+    method = settings.get("peft_method", "lora")
+    if method == "lora" or not experiment.has_lora:
+        return
+    rep = representative_id(experiment, settings)
+    if rep != experiment.id:
+        first = int(rep)
+        ids = f"{first}-{first + len(_spec()['ranks']) - 1}"
+        raise UserError(f"{method} has no rank: experiments {ids} ({experiment.label}, {experiment.llm}) are one "
+                        f"{method} run; run ID {rep}")
 
 
 def target_patterns(experiment: Experiment) -> list[str]:

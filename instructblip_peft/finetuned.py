@@ -21,14 +21,15 @@ from .errors import UserError
 from .experiments import get_experiment
 from .hf_hub import fetch
 from .io import atomic_dir
-from .lora import base_model, non_lora_trainable, quiet_peft_deprecations
-from .model import default_dtype, load_model, load_preset
+from .importance import full_rank_adapter
+from .lora import base_model, keep_int8_state, non_lora_trainable, quiet_peft_deprecations
+from .model import default_dtype, is_quantized, load_model, load_preset
 
 
 def write_finetuned(run: RunDir, model) -> None:
     """Write the adapter (if the model has LoRA) and the other trained tensors of `model`."""
     if hasattr(model, "peft_config"):
-        with atomic_dir(run.adapter) as tmp:
+        with atomic_dir(run.adapter) as tmp, full_rank_adapter(model):
             model.save_pretrained(tmp)
     ckpt.save_tensors(run.trained_tensors, non_lora_trainable(model))
 
@@ -57,14 +58,18 @@ def load_finetuned(output_dir, device: str | torch.device = "cpu"):
     device = torch.device(device)
     dtype = torch.float32 if device.type == "cpu" else default_dtype(device)
     merged = bool(info.get("merged"))  # `export --merged`: LoRA and trained tensors are in the checkpoint
+    quantize = "none" if merged else info["settings"].get("quantize", "none")
+    # A quantized LLM is loaded straight onto the device (bitsandbytes weights are not moved later).
     model, processor = load_model(preset, source=str(run.path) if merged else info.get("model_source"),
-                                  dtype=dtype, device="cpu", seed=info.get("model_seed", 0))
+                                  dtype=dtype, device=device if quantize != "none" else "cpu",
+                                  seed=info.get("model_seed", 0), quantize=quantize)
     if exp.train and exp.has_lora and not merged:
         adapter = _adapter_dir(run)
         if adapter is None:
             raise UserError(f"{run.adapter}: missing adapter_config.json (incomplete run directory)")
         with quiet_peft_deprecations():
             model = PeftModel.from_pretrained(model, str(adapter))
+        keep_int8_state(model)
     if exp.train and not merged:
         tensors = ckpt.load_tensors(run.trained_tensors)
         params = dict(base_model(model).named_parameters())
@@ -75,6 +80,6 @@ def load_finetuned(output_dir, device: str | torch.device = "cpu"):
             for name, t in tensors.items():
                 # Trained tensors were fp32 in training (even on a bf16/fp16 base): keep them so.
                 params[name].data = t.to(torch.float32)
-    model = model.to(device).eval()
+    model = (model if is_quantized(base_model(model)) else model.to(device)).eval()
     info = dict(info, settings=Settings(info["settings"]))
     return model, processor, info

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import string
+import tempfile
 from pathlib import Path
 
 import torch
@@ -159,21 +160,68 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def quantization_config(quantize: str, compute_dtype: torch.dtype):
+    """The bitsandbytes config of `quantize` (4bit | 8bit; None for none): the LLM's linear layers are
+    quantized; the ViT, Q-Former, projection and lm_head (experiments.yaml: quantization.skip_modules) are not."""
+    if quantize in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from .experiments import quantization_spec
+    spec = quantization_spec()
+    skip = list(spec["skip_modules"])
+    if quantize == "4bit":
+        four = spec["4bit"]
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=four["quant_type"],
+                                  bnb_4bit_use_double_quant=bool(four["double_quant"]),
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise UserError(f"quantize must be one of none, 4bit, 8bit; got {quantize!r}")
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
 def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", seed: int = 0):
+               device: str | torch.device = "cpu", seed: int = 0, quantize: str = "none"):
     """Return (model, processor) for a preset.
 
     Real presets (and any preset given `source`) load with from_pretrained from a hub id or a local
     directory written by save_pretrained. Tiny presets without `source` are built randomly (seeded).
+    `quantize` (4bit | 8bit) loads the LLM through bitsandbytes, straight onto `device`; a tiny preset is
+    then built, written with save_pretrained to a temporary directory and loaded back the same way, so
+    it takes the real presets' path.
     """
     preset = load_preset(preset) if isinstance(preset, str) else preset
     dtype = dtype or default_dtype(device)
     src = source or preset.get("source")
+    if quantize not in (None, "none") and not src:
+        from transformers.utils import logging as hf_logging
+
+        model, processor = load_model(preset, dtype=dtype, device="cpu", seed=seed)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a round trip through a temporary directory: nothing to watch
+        try:
+            with tempfile.TemporaryDirectory(prefix="instructblip-peft-") as tmp:
+                model.save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+                model, processor = load_model(preset, source=tmp, dtype=dtype, device=device, quantize=quantize)
+            # Built from a seed like the unquantized tiny model: no source path to record (peft would look
+            # for a config there, or on the hub, when saving an adapter).
+            model.config._name_or_path = ""
+            return model, processor
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     if src:
         if source and not Path(source).exists() and "/" not in source:
             raise UserError(f"model source '{source}' is neither a local directory nor a hub id")
+        quant = quantization_config(quantize, dtype)
+        kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": str(torch.device(device))}}
         try:
-            model = InstructBlipForConditionalGeneration.from_pretrained(src, dtype=dtype)
+            model = InstructBlipForConditionalGeneration.from_pretrained(src, dtype=dtype, **kwargs)
             processor = InstructBlipProcessor.from_pretrained(src)
         except OSError as e:  # transformers turns hub/network/cache errors into OSError
             local = Path(src).exists()
@@ -195,6 +243,9 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
                 model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
         processor = _tiny_processor(preset)
     _check_placeholder(model, processor)
+    if is_quantized(model):  # already on `device` (bitsandbytes weights cannot be moved with .to)
+        _no_packed_cpu_weights(model)
+        return model, processor
     return model.to(device), processor
 
 
@@ -208,6 +259,18 @@ def _check_placeholder(model, processor) -> None:
                         f"{model.config.image_token_id}: processor and model do not belong together")
     if getattr(processor, "num_query_tokens", None) not in (None, model.config.num_query_tokens):
         raise UserError("processor.num_query_tokens differs from the model's num_query_tokens")
+
+
+def _no_packed_cpu_weights(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 inference kernel the first
+    time the layer runs in eval mode, for good: training after an evaluation would then compute in bf16 and
+    pass no gradient to the layer's input (adapters before it stop learning). Keep the one differentiable
+    kernel, in eval and training alike."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 def meta_model(preset: dict | str) -> InstructBlipForConditionalGeneration:

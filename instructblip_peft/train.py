@@ -37,8 +37,9 @@ from .data.batches import QADataset, TrainCollator, epoch_batches, make_transfor
 from .data.prompts import render_prompt
 from .data.records import load_split
 from .errors import UserError
-from .experiments import get_experiment
+from .experiments import RANKLESS_METHODS, check_method, get_experiment
 from .finetuned import write_finetuned
+from .importance import method_state
 from .io import atomic_dir, atomic_path, read_json, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
 from .model import default_dtype, family_of, load_model, preset_for, set_gradient_checkpointing
@@ -172,6 +173,7 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)
     settings = resolve_settings(dataset, exp, preset_dict, overrides)
+    check_method(exp, settings)
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else default_dataset_dir(dataset)
     run = RunDir(output_dir)
 
@@ -185,7 +187,12 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
         if force and accelerator.is_main_process:
             run.clear()
         elif run.is_finished():
-            run.check_identity(dataset=dataset, experiment=exp.id, preset=preset_dict["name"])
+            # Runs of another method or quantization belong in another directory (experiments.run_name);
+            # runs finished before the method axis existed were LoRA (where they had adapters), unquantized.
+            run.check_identity(dataset=dataset, experiment=exp.id, preset=preset_dict["name"],
+                               peft_method=settings.peft_method if exp.has_lora else None,
+                               quantize=settings.quantize,
+                               absent={"peft_method": "lora" if exp.has_lora else None, "quantize": "none"})
             metrics = run.metrics()
             if progress and accelerator.is_main_process:
                 print(f"{run.path}: already finished (val {metrics['val_accuracy']:.4f}, test "
@@ -217,13 +224,27 @@ class _Run:
                 "model_seed": s.seed, "model_source": self.preset.get("source"),
                 "processed_dir": str(self.dataset_dir), "settings": dict(s)}
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (max_steps, or all epochs; early stopping may end it sooner)."""
+        s = self.settings
+        n = len(_load_records(self.dataset_dir, "train", s.max_train_samples)[0])
+        per_process = math.ceil(math.ceil(n / s.batch_size) / self.acc.num_processes)
+        total = math.ceil(per_process / (s.grad_accum_steps or 1)) * s.epochs
+        return min(total, s.max_steps) if s.max_steps else total
+
     def build_model(self):
         dtype = torch.float32 if self.device.type == "cpu" else default_dtype(self.device)
-        model, processor = load_model(self.preset, dtype=dtype, device="cpu", seed=self.settings.seed)
+        quantize = self.settings.quantize
+        # A quantized LLM is loaded straight onto the device (bitsandbytes weights are not moved later).
+        model, processor = load_model(self.preset, dtype=dtype, device=self.device if quantize != "none" else "cpu",
+                                      seed=self.settings.seed, quantize=quantize)
         # LoRA's initial A matrices are drawn from the global torch RNG (seeded randomly at start-up):
         # seeding it makes the starting point, and so the whole run, a function of the seed.
         torch.manual_seed(self.settings.seed)
-        model = apply_experiment(model, self.exp)
+        # AdaLoRA's schedule is in optimizer steps of this run.
+        total = self.total_steps() if self.exp.train and self.settings.peft_method == "adalora" else None
+        model = apply_experiment(model, self.exp, self.settings, total_steps=total)
+        self.method = method_state(model, self.settings)
         # Trainable tensors stay fp32 under autocast: the optimizer then updates full-precision weights.
         for p in trainable_parameters(model).values():
             p.data = p.data.float()
@@ -293,6 +314,7 @@ class _Run:
             if loaded["scaler"] is not None and acc.scaler is not None:
                 acc.scaler.load_state_dict(loaded["scaler"])
             ckpt.set_rng_state(*loaded["rng"])
+            self.method.load(*loaded["method"])
             self.state = state = TrainState.from_dict(loaded["state"])
             if self.progress:
                 print(f"resuming {run.path} from epoch {state.epoch + 1}, step {state.global_step}")
@@ -315,7 +337,8 @@ class _Run:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.state.wall_time_s = self.wall_offset + time.time() - self.start_time
-            ckpt.save_checkpoint(path, self.trainable, self.optimizer, self.state.to_dict(), acc.scaler)
+            ckpt.save_checkpoint(path, self.trainable, self.optimizer, self.state.to_dict(), acc.scaler,
+                                 method=self.method.state())
         acc.wait_for_everyone()
 
     def _epochs(self, model, optimizer, train_set, collator, lengths, log_file):
@@ -355,6 +378,8 @@ class _Run:
                         if acc.sync_gradients and s.max_grad_norm:
                             acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
                         optimizer.step()
+                        if acc.sync_gradients:  # AdaLoRA: importance from this step's gradients, rank budget
+                            self.method.after_optimizer_step(state.global_step + 1)
                         optimizer.zero_grad(set_to_none=True)
                     detached = loss.detach().float()
                     nonfinite |= ~torch.isfinite(detached)
@@ -461,7 +486,10 @@ class _Run:
         counts = count_parameters(model)
         metrics = {
             "dataset": self.dataset, "experiment": self.exp.id, "preset": self.preset["name"],
-            "llm": self.exp.llm, "label": self.exp.label, "rank": self.exp.rank, "status": "finished",
+            "llm": self.exp.llm, "label": self.exp.label,
+            "rank": None if self.exp.has_lora and s.peft_method in RANKLESS_METHODS else self.exp.rank,
+            "peft_method": s.peft_method if self.exp.has_lora else None, "quantize": s.quantize,
+            "status": "finished",
             "val_accuracy": val_accuracy, "test_accuracy": test.accuracy,
             "val_breakdown": val_breakdown, "test_breakdown": test.breakdown,
             **counts, "full_qformer_params": full_qformer_size(model),
@@ -479,6 +507,7 @@ class _Run:
         if acc.is_main_process:
             if state is not None:
                 write_finetuned(run, model)
+                self.method.write_results(run.path)
                 with atomic_path(run.predictions("val")) as tmp:
                     shutil.copyfile(val_predictions_src, tmp)
             else:
