@@ -10,17 +10,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artifacts import RunDir, run_dirs
+from .artifacts import RunDir, experiment_of, run_dirs
 from .config import load_yaml
 from .data.scienceqa import CATEGORIES as SCIENCEQA_CATEGORIES
 from .errors import UserError
-from .experiments import get_experiment, registry
+from .experiments import RANKLESS_METHODS, get_experiment, registry
 from .io import atomic_path, write_text
 # What write_report saves in <outputs>/analysis/ (figures: <name>.png).
 REPORT_FILES = {"csv": "results.csv", "markdown": "results.md"}
-TABLE_COLUMNS = ["dataset", "experiment", "llm", "group", "label", "rank", "preset", "status", "val_accuracy",
+TABLE_COLUMNS = ["dataset", "experiment", "method", "llm", "group", "label", "rank", "preset", "status", "val_accuracy",
                  "test_accuracy", "trainable_params", "lora_params", "total_params", "full_qformer_params",
-                 "trainable_share", "best_epoch", "epochs_run", "wall_time_s", "run_dir"]
+                 "trainable_share", "best_epoch", "epochs_run", "wall_time_s", "run", "run_dir"]
+NO_METHOD = "-"   # the method column of a baseline (no adapters) without quantization
+
+
+def method_of(run_name: str, has_adapters: bool) -> str:
+    """The method column from a run directory's name: '28' -> 'lora', '28+dora' -> 'dora', '28+4bit' ->
+    'lora+4bit', 'zeroshot-flant5xl' -> '-', 'zeroshot-flant5xl+4bit' -> '4bit'."""
+    parts = run_name.split("+")[1:]
+    if has_adapters and (not parts or parts[0] in ("4bit", "8bit")):
+        parts = ["lora", *parts]
+    return "+".join(parts) or NO_METHOD
 
 
 def _experiment_order() -> dict[str, int]:
@@ -31,18 +41,21 @@ def read_run(run_dir: Path | RunDir) -> dict:
     """One row for a run directory: its metrics when finished, else its status (running/failed)."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run_dir = run.path
-    dataset, experiment = run_dir.parent.name, run_dir.name
+    dataset, name = run_dir.parent.name, run_dir.name
+    experiment = experiment_of(name)
     try:
         metrics = run.metrics() or {}
     except UserError:
         metrics = {"status": f"unreadable {run.metrics_file.name}"}
     exp = get_experiment(experiment)
-    row = {"dataset": dataset, "experiment": experiment, "llm": exp.llm, "group": exp.group, "label": exp.label,
-           "rank": exp.rank, "status": metrics.get("status") or "unfinished", "run_dir": str(run_dir)}
+    method = method_of(name, exp.has_lora)
+    row = {"dataset": dataset, "experiment": experiment, "method": method, "llm": exp.llm, "group": exp.group,
+           "label": exp.label, "rank": None if method.split("+")[0] in RANKLESS_METHODS else exp.rank,
+           "status": metrics.get("status") or "unfinished", "run": name, "run_dir": str(run_dir)}
     for key in TABLE_COLUMNS:
         # Identity columns come from the registry.
-        if key in metrics and key not in ("dataset", "experiment", "llm", "group", "label", "rank", "run_dir",
-                                          "status"):
+        if key in metrics and key not in ("dataset", "experiment", "method", "llm", "group", "label", "rank", "run",
+                                          "run_dir", "status"):
             row[key] = metrics[key]
     if row.get("trainable_params") is not None and metrics.get("full_qformer_params"):
         row["trainable_share"] = row["trainable_params"] / metrics["full_qformer_params"]
@@ -63,7 +76,8 @@ def collect_runs(outputs_dir: str | Path) -> pd.DataFrame:
         return df[TABLE_COLUMNS]
     order = _experiment_order()
     df["_order"] = df["experiment"].map(order)
-    df = df.sort_values(["dataset", "_order"]).drop(columns="_order").reset_index(drop=True)
+    df["_method"] = df["method"].map(lambda m: (m not in ("lora", NO_METHOD), m))  # the paper's LoRA first
+    df = df.sort_values(["dataset", "_order", "_method"]).drop(columns=["_order", "_method"]).reset_index(drop=True)
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]
     return df[TABLE_COLUMNS + extra]
 
@@ -74,7 +88,7 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """The readable table: one row per run, accuracies in percent."""
-    cols = ["dataset", "experiment", "llm", "label", "rank", "preset", "status", "val_accuracy", "test_accuracy",
+    cols = ["dataset", "experiment", "method", "llm", "label", "rank", "preset", "status", "val_accuracy", "test_accuracy",
             "trainable_params", "trainable_share"]
     out = df[cols].copy()
     for c in ("val_accuracy", "test_accuracy", "trainable_share"):
@@ -85,16 +99,29 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def accuracy_grid(df: pd.DataFrame, dataset: str, llm: str, metric: str = "test_accuracy") -> pd.DataFrame:
-    """Group (rows, in experiments.yaml order) x rank (columns) of `metric`; NaN where a run is missing."""
+def methods(df: pd.DataFrame) -> list[str]:
+    """The methods of the runs with adapters, LoRA first, then as named."""
+    found = set(df.loc[df["method"] != NO_METHOD, "method"].dropna()) if "method" in df else set()
+    return sorted(found, key=lambda m: (m != "lora", m)) or ["lora"]
+
+
+def accuracy_grid(df: pd.DataFrame, dataset: str, llm: str, metric: str = "test_accuracy",
+                  method: str = "lora") -> pd.DataFrame:
+    """Group (rows, in experiments.yaml order) x rank (columns) of `metric` for one method; NaN where a run is
+    missing. A rankless method (IA3) has one column, "-": its ranks are one run."""
     spec = load_yaml("experiments.yaml")
     groups = [g["label"] for g in spec["groups"]]
-    ranks = [int(r) for r in spec["ranks"]]
+    rankless = method.split("+")[0] in RANKLESS_METHODS
+    ranks = ["-"] if rankless else [int(r) for r in spec["ranks"]]
     grid = pd.DataFrame(float("nan"), index=pd.Index(groups, name="group"), columns=pd.Index(ranks, name="rank"))
     sel = finished(df)
-    sel = sel[(sel["dataset"] == dataset) & (sel["llm"] == llm) & sel["rank"].notna()]
+    sel = sel[(sel["dataset"] == dataset) & (sel["llm"] == llm) & (sel["method"] == method)]
+    sel = sel[sel["label"].isin(groups)]
     for _, r in sel.iterrows():
-        grid.loc[r["label"], int(r["rank"])] = float(r[metric])
+        if rankless:
+            grid.loc[r["label"], "-"] = float(r[metric])
+        elif pd.notna(r["rank"]):
+            grid.loc[r["label"], int(r["rank"])] = float(r[metric])
     return grid
 
 
@@ -103,25 +130,27 @@ def _llms() -> list[tuple[str, str]]:
 
 
 def plot_heatmaps(df: pd.DataFrame, metric: str = "test_accuracy"):
-    """Accuracy by group x rank, one panel per dataset (rows) and LLM (columns). Missing runs are grey."""
+    """Accuracy by group x rank, one panel per dataset and method (rows) and LLM (columns). Missing runs
+    are grey."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     datasets = sorted(df["dataset"].dropna().unique()) or ["(no runs)"]
+    panels = [(ds, m) for ds in datasets for m in methods(df)]
     llms = _llms()
-    fig, axes = plt.subplots(len(datasets), len(llms), figsize=(5.5 * len(llms), 4.2 * len(datasets)),
+    fig, axes = plt.subplots(len(panels), len(llms), figsize=(5.5 * len(llms), 4.2 * len(panels)),
                              squeeze=False)
-    for i, ds in enumerate(datasets):
+    for i, (ds, method) in enumerate(panels):
         for j, (llm, llm_label) in enumerate(llms):
             ax = axes[i][j]
-            grid = accuracy_grid(df, ds, llm, metric) * 100
+            grid = accuracy_grid(df, ds, llm, metric, method) * 100
             ax.set_facecolor("#e6e6e6")  # what shows through the masked (missing) cells
             sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", vmin=0, vmax=100, cmap="viridis",
                         mask=grid.isna(), cbar=j == len(llms) - 1, cbar_kws={"label": "accuracy %"})
             for (r, c) in zip(*grid.isna().to_numpy().nonzero()):
                 ax.text(c + 0.5, r + 0.5, "missing", ha="center", va="center", fontsize=7, color="#777777")
-            ax.set_title(f"{ds} - {llm_label}")
-            ax.set_xlabel("LoRA rank")
+            ax.set_title(f"{ds} - {llm_label} - {method}")
+            ax.set_xlabel("rank")
             ax.set_ylabel("" if j else "group")
     fig.tight_layout()
     return fig
@@ -141,15 +170,17 @@ def plot_share(df: pd.DataFrame, metric: str = "test_accuracy"):
         for j, (llm, llm_label) in enumerate(llms):
             ax = axes[i][j]
             sel = done[(done["dataset"] == ds) & (done["llm"] == llm)]
-            lora = sel[sel["rank"].notna()].copy()
+            lora = sel[sel["method"] != NO_METHOD].copy()
             lora["accuracy %"] = lora[metric].astype(float) * 100
             lora["trainable share %"] = lora["trainable_share"].astype(float) * 100
             if not lora.empty:
-                sns.scatterplot(data=lora, x="trainable share %", y="accuracy %", hue="label", size="rank",
-                                sizes=(30, 160), ax=ax, legend="brief")
+                many = lora["method"].nunique() > 1  # one marker per method when there are several
+                sns.scatterplot(data=lora, x="trainable share %", y="accuracy %", hue="label",
+                                size="rank" if lora["rank"].notna().any() else None, sizes=(30, 160),
+                                style="method" if many else None, ax=ax, legend="brief")
                 ax.set_xscale("log")
             for group, style in (("qformer-ft", "-"), ("zeroshot", ":")):
-                base = sel[sel["group"] == group]
+                base = sel[(sel["group"] == group) & (sel["method"] == NO_METHOD)]
                 if not base.empty:
                     ax.axhline(float(base[metric].iloc[0]) * 100, color="black", ls=style, lw=1,
                                label=base["label"].iloc[0])
@@ -209,8 +240,20 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def adalora_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """The sublayer-importance data (importance.read_adalora_ranks) of every finished AdaLoRA run in `df`."""
+    from .importance import read_adalora_ranks
+
+    sel = finished(df)
+    sel = sel[sel["method"].astype(str).str.startswith("adalora")]
+    return [read_adalora_ranks(d) for d in sel["run_dir"] if RunDir(d).adalora_ranks.is_file()]
+
+
 def write_report(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """results.csv (every column), results.md (the summary table) and the three figures as PNG."""
+    """results.csv (every column), results.md (the summary table), the three figures as PNG, and one
+    sublayer-importance figure per AdaLoRA run (adalora_<dataset>_<run>.png)."""
+    from .importance import importance_figure
+
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
@@ -219,6 +262,11 @@ def write_report(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     write_text(paths["markdown"], summary_table(df).to_markdown(index=False, floatfmt=".2f") + "\n")
     for name, plot in (("heatmap", plot_heatmaps), ("share", plot_share), ("scienceqa_categories", plot_categories)):
         fig = plot(df)
+        paths[name] = save_figure(fig, out_dir / f"{name}.png")
+        plt.close(fig)
+    for ranks in adalora_runs(df):
+        name = f"adalora_{ranks['dataset'].iloc[0]}_{ranks['run'].iloc[0]}"
+        fig = importance_figure(ranks)
         paths[name] = save_figure(fig, out_dir / f"{name}.png")
         plt.close(fig)
     return paths

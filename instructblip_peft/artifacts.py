@@ -168,8 +168,13 @@ class RunDir:
         return RunLock(self.path)
 
 
+def experiment_of(name: str) -> str:
+    """The experiment ID of a run directory name ('28+dora' -> '28'; experiments.run_name makes them)."""
+    return name.split("+", 1)[0]
+
+
 def run_dirs(outputs_dir: str | os.PathLike) -> list[RunDir]:
-    """Every non-empty <outputs>/<dataset>/<experiment id>/ whose id is in the registry, sorted by path."""
+    """Every non-empty <outputs>/<dataset>/<run name>/ whose experiment is in the registry, sorted by path."""
     from .experiments import registry
 
     outputs_dir = Path(outputs_dir)
@@ -177,7 +182,7 @@ def run_dirs(outputs_dir: str | os.PathLike) -> list[RunDir]:
         return []
     known = set(registry())
     return [RunDir(p) for p in sorted(outputs_dir.glob("*/*"))
-            if p.is_dir() and p.name in known and any(p.iterdir())]
+            if p.is_dir() and experiment_of(p.name) in known and any(p.iterdir())]
 
 
 class RunLock:

@@ -19,7 +19,7 @@ from .config import (REPO_DIR, analysis_dir, load_yaml, outputs_root, processed_
 from .data.records import DATASETS, MANIFEST
 from .errors import UserError
 from .data.preprocess import HUB_PREFIX
-from .experiments import get_experiment, parse_ids
+from .experiments import check_method, get_experiment, parse_ids, representative_id, run_name
 
 NOTEBOOK_DIR = REPO_DIR / "notebooks"
 
@@ -139,10 +139,11 @@ class RunPlan:
     overrides: dict = field(default_factory=dict)
     outputs_dir: Path | None = None
     processed_dir: Path | None = None
+    name: str = ""   # the run directory's name: the ID, plus e.g. "+dora" for another method (experiments.run_name)
 
     @property
     def directory(self) -> Path:
-        return run_dir(self.dataset, self.experiment, self.outputs_dir)
+        return run_dir(self.dataset, self.name or self.experiment, self.outputs_dir)
 
     @property
     def run(self) -> RunDir:
@@ -160,12 +161,14 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
     overrides = validate_overrides(overrides)
-    resolve_settings(dataset, exp, preset_dict, overrides)  # what train() will see: fails here, not in a kernel
+    settings = resolve_settings(dataset, exp, preset_dict, overrides)  # what train() will see: fails here, not in a kernel
+    check_method(exp, settings)
     processed = processed_root(processed_dir)
     if not (processed / dataset / MANIFEST).is_file():
         raise UserError(f"no processed {dataset} data in {processed / dataset}: run "
                         f"`instructblip-peft preprocess {dataset}` first")
-    return RunPlan(dataset, exp.id, preset or "auto", overrides, outputs_root(outputs_dir), processed)
+    return RunPlan(dataset, exp.id, preset or "auto", overrides, outputs_root(outputs_dir), processed,
+                   run_name(exp.id, settings))
 
 
 def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> str:
@@ -178,18 +181,17 @@ def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> st
         run.check_identity(preset=preset_for(get_experiment(plan.experiment), plan.preset)["name"])
         if all(run.notebook(k).is_file() for k in ("train", "results")):
             return "skipped"
-    where = {"dataset": plan.dataset, "experiment": plan.experiment, "outputs_dir": str(plan.outputs_dir),
-             "processed_dir": str(plan.processed_dir)}
+    where = {"dataset": plan.dataset, "outputs_dir": str(plan.outputs_dir), "processed_dir": str(plan.processed_dir)}
     rank = process_rank()
     # Under a multi-process launch every rank runs the training notebook; only rank 0's copy is the record.
     train_record = run.notebook("train")
     if rank != 0:
         train_record = run.path / f".rank{rank}" / train_record.name
     # `overrides` replaces the notebook's default dict whole (its small interactive limits included).
-    execute("train", train_record, {**where, "preset": plan.preset, "force": bool(force),
-                                    "overrides": dict(plan.overrides)}, progress)
+    execute("train", train_record, {**where, "experiment": plan.experiment, "preset": plan.preset,
+                                    "force": bool(force), "overrides": dict(plan.overrides)}, progress)
     if rank == 0:
-        execute("results", run.notebook("results"), where, progress)
+        execute("results", run.notebook("results"), {**where, "run_name": run.path.name}, progress)
     return "finished"
 
 
@@ -226,6 +228,9 @@ def sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overr
     """Run many experiments; finished ones are skipped, a partial one resumes, a failing one is
     reported and the sweep goes on."""
     id_list = parse_ids(ids) if isinstance(ids, str) else list(ids)
+    # A rankless method (IA3) makes a group's ranks one run: each is run once, under the group's first ID.
+    method = resolve_settings(overrides=validate_overrides(overrides))
+    id_list = list(dict.fromkeys(representative_id(get_experiment(i), method) for i in id_list))
     id_list = shard_ids(id_list, parse_shard(shard))
     plans = [plan_run(dataset, i, preset, overrides, outputs_dir, processed_dir) for i in id_list]
     result = SweepResult()

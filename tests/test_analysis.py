@@ -60,3 +60,25 @@ def test_category_table_lists_scienceqa_runs_only(tmp_path):
     assert list(table.index) == ["15: Q-Former LoRA ffn r4"]
     assert table.loc["15: Q-Former LoRA ffn r4", "LAN"] == 100.0
     assert pd.isna(table.loc["15: Q-Former LoRA ffn r4", "TXT"])
+
+
+def test_methods_are_a_dimension_of_the_analysis(tmp_path):
+    """28 (LoRA), 28+dora and 25+ia3 are three rows with their method; the heatmaps get one panel row per
+    method and IA3's ranks are one column."""
+    from instructblip_peft import analysis
+
+    for name, acc in (("28", 0.5), ("28+dora", 0.6), ("25+ia3", 0.4)):
+        d = tmp_path / "scienceqa" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"status": "finished", "preset": "tiny-t5", "val_accuracy": acc,
+                                                    "test_accuracy": acc, "trainable_params": 10,
+                                                    "full_qformer_params": 100}))
+    runs = analysis.collect_runs(tmp_path)
+    assert list(zip(runs["run"], runs["method"], runs["experiment"])) == [
+        ("25+ia3", "ia3", "25"), ("28", "lora", "28"), ("28+dora", "dora", "28")]
+    assert analysis.methods(runs) == ["lora", "dora", "ia3"]
+    label = runs.loc[runs["run"] == "28", "label"].iloc[0]
+    assert analysis.accuracy_grid(runs, "scienceqa", "flant5xl", method="dora").loc[label, 8] == 0.6  # ID 28: rank 8
+    assert list(analysis.accuracy_grid(runs, "scienceqa", "flant5xl", method="ia3").columns) == ["-"]
+    fig = analysis.plot_heatmaps(runs)
+    assert len(fig.axes) >= 3 * 2  # (dataset x method) rows x LLM columns, plus colour bars

@@ -79,3 +79,17 @@ def test_under_a_multi_process_launch_only_rank_0_writes_the_record(tmp_path, mo
     monkeypatch.setenv("RANK", "0")
     runner.execute_run(plan)
     assert [(k, o.name) for k, o in calls] == [("train", "02_train.ipynb"), ("results", "03_results.ipynb")]
+
+
+def test_runs_of_other_methods_get_their_own_directory_and_rankless_ranks_run_once(tmp_path, monkeypatch):
+    (tmp_path / "scienceqa").mkdir()
+    (tmp_path / "scienceqa" / "manifest.json").write_text("{}")
+    where = dict(outputs_dir=tmp_path, processed_dir=tmp_path)
+    assert runner.plan_run("scienceqa", "28", "tiny", {}, **where).directory.name == "28"
+    assert runner.plan_run("scienceqa", "28", "tiny", {"peft_method": "dora"}, **where).directory.name == "28+dora"
+    assert runner.plan_run("scienceqa", "28", "tiny", {"quantize": "4bit"}, **where).directory.name == "28+4bit"
+    calls = []
+    monkeypatch.setattr(runner, "execute", lambda key, output, params, progress=True: calls.append(output))
+    result = runner.sweep("scienceqa", "25-28", "tiny", {"peft_method": "ia3"}, progress=False, log=lambda *_: None,
+                          **where)
+    assert result.finished == ["25"] and [p.parent.name for p in calls] == ["25+ia3", "25+ia3"]  # train, results
