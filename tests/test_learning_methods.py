@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 
 import train_fixtures  # noqa: F401  (one thread: tiny models on a shared CPU)
-from instructblip_peft.artifacts import load_finetuned
-from instructblip_peft.data.records import load_split, preprocess
+from instructblip_peft.finetuned import load_finetuned
+from instructblip_peft.data.preprocess import preprocess
+from instructblip_peft.data.records import load_split
 from instructblip_peft.data.sample import generate_sample
 from instructblip_peft.evaluate import evaluate
 from instructblip_peft.train import train
@@ -33,7 +34,7 @@ def processed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def untrained(processed, tmp_path_factory):
     root = tmp_path_factory.mktemp("zeroshot")
-    return {f: train("scienceqa", z, root / z, processed_dir=processed, preset="tiny", progress=False)
+    return {f: train("scienceqa", z, root / z, dataset_dir=processed, preset="tiny", progress=False)
             for f, z in ZEROSHOT.items()}
 
 
@@ -41,7 +42,7 @@ def untrained(processed, tmp_path_factory):
 def test_each_method_learns_from_the_pictures(method, processed, untrained, tmp_path):
     family, experiment = CASES[method]
     before = untrained[family]
-    after = train("scienceqa", experiment, tmp_path, processed_dir=processed, preset="tiny", progress=False,
+    after = train("scienceqa", experiment, tmp_path, dataset_dir=processed, preset="tiny", progress=False,
                   peft_method=method)
     assert after["val_accuracy"] >= before["val_accuracy"] + 0.15, (before["val_accuracy"], after["val_accuracy"])
     assert after["test_accuracy"] >= before["test_accuracy"] + 0.15, (before["test_accuracy"], after["test_accuracy"])

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from instructblip_peft import checkpoint as ckpt
-from instructblip_peft.artifacts import ADALORA_RANKS, ADALORA_RANKS_FIGURE, load_finetuned
+from instructblip_peft.artifacts import ADALORA_RANKS, ADALORA_RANKS_FIGURE
+from instructblip_peft.finetuned import load_finetuned
 from instructblip_peft.data.records import load_split
 from instructblip_peft.evaluate import evaluate
 from instructblip_peft.train import train
 
-from test_resume import assert_same_run, final_state
-from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
+
+from train_fixtures import FAST, SINGLE_THREAD_ENV, assert_same_run, final_state, make_colour_dataset
 
 # 2 epochs x 2 steps; a checkpoint after every step. AdaLoRA (4 steps): no warm-up, final allocation at step 3.
 SETTINGS = dict(FAST, max_train_samples=8, max_eval_samples=6, checkpoint_every_steps=1, learning_rate=1e-2)
@@ -48,7 +49,7 @@ def data(tmp_path_factory):
 
 def run(out, data, method, family, quantize, **kw):
     exp = (IA3_EXPERIMENT if method == "ia3" else EXPERIMENT)[family]
-    return train("scienceqa", exp, out, processed_dir=data, preset="tiny", progress=False,
+    return train("scienceqa", exp, out, dataset_dir=data, preset="tiny", progress=False,
                  **dict(SETTINGS, peft_method=method, quantize=quantize), **kw)
 
 
@@ -98,7 +99,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import train_fixtures  # single-threaded like the test process
 from instructblip_peft.train import train
-train("scienceqa", sys.argv[2], sys.argv[3], processed_dir=sys.argv[4], preset="tiny", progress=False,
+train("scienceqa", sys.argv[2], sys.argv[3], dataset_dir=sys.argv[4], preset="tiny", progress=False,
       **json.loads(sys.argv[5]))
 """
 
@@ -106,7 +107,7 @@ train("scienceqa", sys.argv[2], sys.argv[3], processed_dir=sys.argv[4], preset="
 def test_qlora_killed_mid_epoch_resumes_to_the_same_end(data, tmp_path):
     settings = dict(SETTINGS, max_train_samples=16, epochs=2, peft_method="lora", quantize="4bit")
     whole = tmp_path / "whole"
-    train("scienceqa", "63", whole, processed_dir=data, preset="tiny", progress=False, **settings)
+    train("scienceqa", "63", whole, dataset_dir=data, preset="tiny", progress=False, **settings)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(Path(__file__).parent), "63", str(out), str(data),
                              json.dumps(settings)], env={**os.environ, **SINGLE_THREAD_ENV},
@@ -131,7 +132,7 @@ def test_qlora_killed_mid_epoch_resumes_to_the_same_end(data, tmp_path):
             proc.kill()
         proc.wait()
     assert not (out / "metrics.json").exists()
-    train("scienceqa", "63", out, processed_dir=data, preset="tiny", progress=False, **settings)
+    train("scienceqa", "63", out, dataset_dir=data, preset="tiny", progress=False, **settings)
     assert_same_run(final_state(out), final_state(whole))
 
 
