@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lab clean-outputs
+.PHONY: install demo test test-slow test-fast bench lab clean-outputs
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ demo: install
 
 # The notebooks run with their defaults in a temporary work directory (not over data/ and outputs/).
 test: install
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not slow"
 	INSTRUCTBLIP_PEFT_WORKDIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax notebooks -q -p no:cacheprovider
+
+# Slow system tests (per-method learning checks): CI runs them after `make test`.
+test-slow: install
+	$(BIN)/python -m pytest tests -q -m slow
 
 bench: install
 	$(BIN)/python benchmarks/eval_ranking.py

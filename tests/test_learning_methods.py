@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it too)
+
 import train_fixtures  # noqa: F401  (one thread: tiny models on a shared CPU)
 from instructblip_peft.finetuned import load_finetuned
 from instructblip_peft.data.preprocess import preprocess
