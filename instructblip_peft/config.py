@@ -41,6 +41,7 @@ def load_yaml(name: str) -> dict:
 NULLABLE_TYPES = {
     "epochs": int, "learning_rate": float, "batch_size": int, "grad_accum_steps": int,
     "max_steps": int, "max_train_samples": int, "max_eval_samples": int, "max_grad_norm": float,
+    "eval_max_txt_len": int,
 }
 CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -49,7 +50,7 @@ CHOICES = {
 }
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
-            "max_train_samples", "max_eval_samples"}
+            "max_train_samples", "max_eval_samples", "eval_max_txt_len"}
 
 
 def default_settings() -> dict:

@@ -270,7 +270,7 @@ class _Run:
         from .data.batches import QADataset, TrainCollator, epoch_batches, make_transform
         train_records, image_root = _load_records(self.processed_dir, "train", s.max_train_samples)
         train_set = QADataset(train_records, image_root, self.dataset, make_transform(self.processor, s, train=True),
-                              seed=s.seed)
+                              seed=s.seed, clean_prompt=s.clean_prompt)
         collator = TrainCollator(self.processor, self.family, s.max_txt_len, s.max_output_txt_len)
         lengths = None
         if s.group_by_length:
@@ -336,7 +336,8 @@ class _Run:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             train_set.set_epoch(epoch)
-            batches = epoch_batches(len(train_set), s.batch_size, s.seed, epoch, lengths, s.group_by_length)
+            batches = epoch_batches(len(train_set), s.batch_size, s.seed, epoch, lengths, s.group_by_length,
+                                    drop_last=s.drop_last)
             remaining = batches[state["iterations_in_epoch"] * world:]
             loss_sum = torch.tensor(state["epoch_loss_sum"], device=self.device)
             window_sum = torch.tensor(state["window_loss_sum"], device=self.device)
