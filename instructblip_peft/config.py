@@ -42,6 +42,7 @@ def load_yaml(name: str) -> dict:
 NULLABLE_TYPES = {
     "epochs": int, "learning_rate": float, "batch_size": int, "grad_accum_steps": int,
     "max_steps": int, "max_train_samples": int, "max_eval_samples": int, "max_grad_norm": float,
+    "eval_max_txt_len": int,
 }
 CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -52,7 +53,7 @@ CHOICES = {
 }
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
-            "max_train_samples", "max_eval_samples", "lora_alpha", "adalora_delta_t"}
+            "max_train_samples", "max_eval_samples", "lora_alpha", "adalora_delta_t", "eval_max_txt_len"}
 # Settings that must lie in [0, 1) (probabilities and fractions of a run).
 FRACTIONS = {"lora_dropout", "adalora_tinit", "adalora_tfinal", "adalora_beta1", "adalora_beta2"}
 

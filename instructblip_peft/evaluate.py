@@ -1,7 +1,9 @@
 """Evaluation: the paper's ranking metric, batched; free-form generation as an option; breakdowns.
 
 Ranking (the paper, after LAVIS `predict_class`): every candidate "(a) c1", "(b) c2", ... is scored by the
-LLM's summed token cross-entropy given image + prompt (T5: the target includes </s>); the lowest wins.
+LLM's summed token cross-entropy given image + prompt; the lowest wins. As in the original, T5 candidates
+end in </s> and LLaMA candidates do not (`llama_candidate_eos`), and the LLM reads the whole prompt while
+the Q-Former's copy is cut to max_txt_len (`eval_max_txt_len`).
 
 Speed: the vision encoder, the Q-Former and the prompt side of the LLM run once per question and are shared
 by its candidates — the T5 encoder output is repeated over the candidates; for LLaMA the prompt's KV cache
@@ -155,10 +157,25 @@ class _Batch:
     llm_ids: list[list[int]]
 
 
+# Settings added after runs were recorded: a run.json without them evaluates as the code did then.
+_UNRECORDED = {"clean_prompt": False, "llama_candidate_eos": True}
+
+
+def _setting(settings, key: str):
+    if key in settings:
+        return settings[key]
+    return settings["max_txt_len"] if key == "eval_max_txt_len" else _UNRECORDED[key]
+
+
 def _encode(records, processor, dataset, settings) -> _Batch:
-    prompts = [render_prompt(r, dataset) for r in records]
-    enc = encode_prompts(processor, prompts, settings.max_txt_len)
+    prompts = [render_prompt(r, dataset, _setting(settings, "clean_prompt")) for r in records]
+    enc = encode_prompts(processor, prompts, settings.max_txt_len, _setting(settings, "eval_max_txt_len"))
     return _Batch(list(records), prompts, enc["qformer_input_ids"], enc["input_ids"])
+
+
+def _candidate_ids(processor, texts, family, settings) -> list[list[int]]:
+    return encode_targets(processor, texts, family, settings.max_output_txt_len,
+                          llama_eos=_setting(settings, "llama_candidate_eos"))
 
 
 def _pixel_values(records, image_root, transform) -> torch.Tensor:
@@ -198,7 +215,7 @@ def _score_batch(base, batch: _Batch, processor, family, settings, features) -> 
         texts = candidate_texts(r)
         owner += [i] * len(texts)
         cands += texts
-    targets = encode_targets(processor, cands, family, settings.max_output_txt_len)
+    targets = _candidate_ids(processor, cands, family, settings)
     owner_t = torch.tensor(owner, device=device)
     lm = base.language_model
     if family == "t5":
@@ -258,7 +275,7 @@ def score_naive(model, processor, records, image_root, dataset, settings, family
                 qids = torch.tensor(batch.qformer_ids, device=device)
                 prompt = batch.llm_ids[0]
                 scores = []
-                for target in encode_targets(processor, candidate_texts(r), family, settings.max_output_txt_len):
+                for target in _candidate_ids(processor, candidate_texts(r), family, settings):
                     if family == "t5":
                         ids = torch.tensor([prompt], device=device)
                         labels = torch.tensor([target], device=device)
@@ -322,7 +339,8 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
     """Accuracy, per-question predictions and the dataset's breakdown of `records`.
 
     settings: eval_mode ('rank' | 'generate'), eval_batch_size (questions per batch), max_eval_samples,
-    max_txt_len, max_output_txt_len, image_size. `vision_cache`: a VisionCache kept across a run's
+    max_txt_len (the Q-Former text), eval_max_txt_len (the LLM prompt), clean_prompt, llama_candidate_eos,
+    max_output_txt_len, image_size. `vision_cache`: a VisionCache kept across a run's
     evaluations (create it once; see vision_cache_for); ignored, with a warning, if the ViT trains.
     """
     if family not in ("t5", "llama"):

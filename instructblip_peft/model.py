@@ -22,11 +22,25 @@ from .errors import UserError
 IMAGE_TOKEN = "<image>"
 
 
+PRESET_FIELDS = ("llm", "family", "source", "llm_source", "architecture", "train", "method_train", "data", "tiny")
+
+
 def load_preset(name: str) -> dict:
     presets = load_yaml("presets.yaml")
     if name not in presets:
         raise UserError(f"unknown preset '{name}'. Valid presets: {', '.join(presets)}")
-    return {"name": name, **presets[name]}
+    preset = presets[name]
+    if not isinstance(preset, dict):
+        raise UserError(f"presets.yaml: preset '{name}' must be a mapping")
+    unknown = [k for k in preset if k not in PRESET_FIELDS]
+    if unknown:
+        raise UserError(f"presets.yaml: preset '{name}' has unknown field '{unknown[0]}' "
+                        f"(valid: {', '.join(PRESET_FIELDS)})")
+    for key in ("source", "llm_source"):
+        if preset.get(key) is not None and not (isinstance(preset[key], str) and preset[key].strip()):
+            raise UserError(f"presets.yaml: preset '{name}': '{key}' must be a hub id or a directory, "
+                            f"got {preset[key]!r}")
+    return {"name": name, **preset}
 
 
 def preset_names() -> list[str]:
@@ -96,7 +110,7 @@ _TINY_WORDS = (
 ).split()
 
 
-def _tiny_llm_tokenizer(family: str) -> PreTrainedTokenizerFast:
+def _tiny_llm_tokenizer(family: str, image_token: bool = True) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<pad>", "<s>", "</s>", "<unk>"]
@@ -118,7 +132,8 @@ def _tiny_llm_tokenizer(family: str) -> PreTrainedTokenizerFast:
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
         kw = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
-    fast.add_tokens([IMAGE_TOKEN], special_tokens=True)  # last id: the image placeholder
+    if image_token:  # without it: the plain LLM's tokenizer (a stand-in for the original's Vicuna)
+        fast.add_tokens([IMAGE_TOKEN], special_tokens=True)  # last id: the image placeholder
     return fast
 
 
@@ -185,7 +200,8 @@ def is_quantized(model) -> bool:
 
 
 def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", seed: int = 0, quantize: str = "none"):
+               device: str | torch.device = "cpu", seed: int = 0, quantize: str = "none",
+               llm_source: str | None = None):
     """Return (model, processor) for a preset.
 
     Real presets (and any preset given `source`) load with from_pretrained from a hub id or a local
@@ -193,24 +209,31 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
     `quantize` (4bit | 8bit) loads the LLM through bitsandbytes, straight onto `device`; a tiny preset is
     then built, written with save_pretrained to a temporary directory and loaded back the same way, so
     it takes the real presets' path.
+    `llm_source` (or the preset's): the language model's weights then come from this checkpoint instead
+    (see swap_language_model).
     """
     preset = load_preset(preset) if isinstance(preset, str) else preset
     dtype = dtype or default_dtype(device)
     src = source or preset.get("source")
-    if quantize not in (None, "none") and not src:
+    llm_src = preset.get("llm_source") if llm_source is None else llm_source  # "": no swap
+    if quantize not in (None, "none") and (not src or llm_src):
+        # bitsandbytes quantizes while loading: a model built from a seed, or one whose LLM weights come from
+        # another checkpoint, is made unquantized first and loaded back quantized from a temporary directory.
         from transformers.utils import logging as hf_logging
 
-        model, processor = load_model(preset, dtype=dtype, device="cpu", seed=seed)
+        model, processor = load_model(preset, source=source, dtype=dtype, device="cpu", seed=seed,
+                                      llm_source=llm_src or "")
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a round trip through a temporary directory: nothing to watch
         try:
             with tempfile.TemporaryDirectory(prefix="instructblip-peft-") as tmp:
                 model.save_pretrained(tmp)
                 processor.save_pretrained(tmp)
-                model, processor = load_model(preset, source=tmp, dtype=dtype, device=device, quantize=quantize)
-            # Built from a seed like the unquantized tiny model: no source path to record (peft would look
+                model, processor = load_model(preset, source=tmp, dtype=dtype, device=device, quantize=quantize,
+                                              llm_source="")
+            # Not the temporary directory: the real source, or none for a model built from a seed (peft looks
             # for a config there, or on the hub, when saving an adapter).
-            model.config._name_or_path = ""
+            model.config._name_or_path = src or ""
             return model, processor
         finally:
             if bars:
@@ -243,10 +266,79 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
                 model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
         processor = _tiny_processor(preset)
     _check_placeholder(model, processor)
+    if llm_src:
+        swap_language_model(model, processor, llm_src)
     if is_quantized(model):  # already on `device` (bitsandbytes weights cannot be moved with .to)
         _no_packed_cpu_weights(model)
         return model, processor
     return model.to(device), processor
+
+
+def _load_language_model(src: str, family: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    cls = AutoModelForCausalLM if family == "llama" else AutoModelForSeq2SeqLM
+    try:
+        return cls.from_pretrained(src, dtype=dtype), AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, ImportError) as e:  # hub/network/cache errors; another kind of checkpoint
+        local = Path(src).exists()
+        fix = ("check that it holds a language model and its tokenizer written by save_pretrained()" if local
+               else "download it once with network access, or point the preset's `llm_source` in "
+                    "params/presets.yaml at a local copy")
+        raise UserError(f"cannot load the language model '{src}' (llm_source): "
+                        f"{str(e).strip().splitlines()[0].rstrip('.')}. To fix: {fix}") from None
+
+
+def swap_language_model(model, processor, llm_source: str) -> None:
+    """Replace the weights of `model.language_model` by those of the checkpoint `llm_source` (in place).
+
+    This is how the original set up Vicuna: InstructBLIP's pre-trained Q-Former next to lmsys/vicuna-7b-v1.3,
+    where the Hugging Face InstructBLIP checkpoint bundles the Vicuna (v1.1) InstructBLIP was trained with.
+    The donor's vocabulary must be the first rows of the InstructBLIP tokenizer's; the rows past it (the
+    tokens InstructBLIP added, `[PAD]` and `<image>`) keep the InstructBLIP checkpoint's embeddings. Every
+    other weight must match in name and shape. The InstructBLIP config (and tokenizer) stay.
+    """
+    lm = model.language_model
+    donor, donor_tok = _load_language_model(llm_source, family_of(model), lm.dtype)
+    where = f"llm_source '{llm_source}'"
+    for key in ("num_attention_heads", "num_key_value_heads", "num_heads"):
+        mine, theirs = getattr(lm.config, key, None), getattr(donor.config, key, None)
+        if mine != theirs:
+            raise UserError(f"{where}: {key} is {theirs}, the InstructBLIP language model's is {mine}")
+    rows = donor.get_input_embeddings().weight.shape[0]
+    have = lm.get_input_embeddings().weight.shape[0]
+    if rows > have:
+        raise UserError(f"{where}: vocabulary of {rows} embedding rows, more than the InstructBLIP language "
+                        f"model's {have}")
+    ours = {i: t for t, i in processor.tokenizer.get_vocab().items() if i < rows}
+    theirs = {i: t for t, i in donor_tok.get_vocab().items() if i < rows}
+    differ = sorted(i for i in set(ours) | set(theirs) if ours.get(i) != theirs.get(i))
+    if differ:
+        i = differ[0]
+        raise UserError(f"{where}: vocabulary mismatch with the InstructBLIP tokenizer at {len(differ)} of its "
+                        f"{rows} ids (first: id {i} is {theirs.get(i)!r} there, {ours.get(i)!r} here)")
+    vocab_tensors = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
+    mine = dict(lm.named_parameters(remove_duplicate=False))
+    given = dict(donor.named_parameters(remove_duplicate=False))
+    missing = sorted(set(mine) - set(given))
+    extra = sorted(set(given) - set(mine))
+    if missing or extra:
+        what = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}', which the InstructBLIP one lacks"
+        raise UserError(f"{where}: not the same architecture as the InstructBLIP language model (it {what})")
+    with torch.no_grad():
+        for name, target in mine.items():
+            src = given[name]
+            if id(target) in vocab_tensors:
+                if src.shape[0] != rows or src.shape[1:] != target.shape[1:]:
+                    raise UserError(f"{where}: '{name}' has shape {tuple(src.shape)}, expected ({rows}, "
+                                    f"{', '.join(map(str, target.shape[1:]))})")
+                target[:rows].copy_(src)
+            elif src.shape != target.shape:
+                raise UserError(f"{where}: '{name}' has shape {tuple(src.shape)}, the InstructBLIP language "
+                                f"model's has {tuple(target.shape)}")
+            else:
+                target.copy_(src)
+    del donor
 
 
 def _check_placeholder(model, processor) -> None:

@@ -228,7 +228,8 @@ class _Run:
         """Optimizer steps of the whole run (max_steps, or all epochs; early stopping may end it sooner)."""
         s = self.settings
         n = len(_load_records(self.dataset_dir, "train", s.max_train_samples)[0])
-        per_process = math.ceil(math.ceil(n / s.batch_size) / self.acc.num_processes)
+        batches = n // s.batch_size if s.drop_last else math.ceil(n / s.batch_size)
+        per_process = math.ceil(batches / self.acc.num_processes)
         total = math.ceil(per_process / (s.grad_accum_steps or 1)) * s.epochs
         return min(total, s.max_steps) if s.max_steps else total
 
@@ -292,7 +293,7 @@ class _Run:
         s, run, acc = self.settings, self.run_dir, self.acc
         train_records, image_root = _load_records(self.dataset_dir, "train", s.max_train_samples)
         train_set = QADataset(train_records, image_root, self.dataset, make_transform(self.processor, s, train=True),
-                              seed=s.seed)
+                              seed=s.seed, clean_prompt=s.clean_prompt)
         collator = TrainCollator(self.processor, self.family, s.max_txt_len, s.max_output_txt_len)
         lengths = [len(render_prompt(r, self.dataset)) for r in train_records] if s.group_by_length else None
 
@@ -354,7 +355,8 @@ class _Run:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             train_set.set_epoch(epoch)
-            batches = epoch_batches(len(train_set), s.batch_size, s.seed, epoch, lengths, s.group_by_length)
+            batches = epoch_batches(len(train_set), s.batch_size, s.seed, epoch, lengths, s.group_by_length,
+                                    drop_last=s.drop_last)
             remaining = batches[state.iterations_in_epoch * world:]
             loss_sum = torch.tensor(state.epoch_loss_sum, device=self.device)
             window_sum = torch.tensor(state.window_loss_sum, device=self.device)

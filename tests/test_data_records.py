@@ -38,7 +38,8 @@ def test_scienceqa_records_and_exact_prompt(tmp_path):
     assert render_prompt(r1, "scienceqa") == ("Context: {A hint. A lecture.} Question: {What color is the shape?} "
                                               "Options: {(a) red\n(b) blue\n} Answer:")
     assert r2["context"] == "" and r2["meta"]["has_hint"] is False and r2["answer"] == "(a) circle"
-    assert render_prompt(r2, "scienceqa") == ("Context: {} Question: {Which shape is shown?} "
+    # No hint, no lecture: the original's context is still hint + " " + lecture.
+    assert render_prompt(r2, "scienceqa") == ("Context: { } Question: {Which shape is shown?} "
                                               "Options: {(a) circle\n(b) square\n(c) star\n} Answer:")
     val, _ = load_split(tmp_path / "proc" / "scienceqa", "val")
     assert val[1]["context"] == " Only a lecture."  # the original's hint + " " + lecture, kept as is

@@ -3,9 +3,12 @@
 The layout follows the original (LAVIS blip2_t5_instruct / blip2_vicuna_instruct):
 - Q-Former text input: the rendered prompt.
 - LLM input: `num_query_tokens` image placeholders (replaced by the Q-Former output inside the model) then
-  the prompt tokens; both texts truncated from the LEFT to max_txt_len so the question's end survives.
+  the prompt tokens. Both texts are truncated from the LEFT to max_txt_len so the question's end survives;
+  at evaluation the original cut only the Q-Former text, and the LLM prompt to `eval_max_txt_len` (null: not
+  at all).
 - T5: labels = target tokens (+ </s>); the decoder input is derived from them by the model.
 - LLaMA: prompt + target + </s> in one sequence, right-padded; labels are -100 on placeholders, prompt, pad.
+  Ranked candidates have no </s> (as in the original) unless `llama_candidate_eos`.
 """
 from __future__ import annotations
 
@@ -100,24 +103,34 @@ def image_token_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def encode_prompts(processor, prompts: list[str], max_txt_len: int) -> dict:
-    """Token ids (unpadded lists) of each prompt for the Q-Former and the LLM (placeholders first)."""
+def encode_prompts(processor, prompts: list[str], max_txt_len: int, llm_max_txt_len: int | None = ...) -> dict:
+    """Token ids (unpadded lists) of each prompt for the Q-Former and the LLM (placeholders first).
+
+    Both are cut from the left: the Q-Former text to `max_txt_len`, the LLM prompt to `llm_max_txt_len`
+    (left out: the same; None: not cut, as the original's evaluation)."""
+    if llm_max_txt_len is ...:
+        llm_max_txt_len = max_txt_len
     qtok, tok = processor.qformer_tokenizer, processor.tokenizer
     qtok.truncation_side = tok.truncation_side = "left"
     q_ids = qtok(prompts, truncation=True, max_length=max_txt_len)["input_ids"]
-    llm_ids = tok(prompts, truncation=True, max_length=max_txt_len)["input_ids"]
+    cut = {} if llm_max_txt_len is None else {"truncation": True, "max_length": llm_max_txt_len}
+    llm_ids = tok(prompts, **cut)["input_ids"]
     placeholders = [image_token_id(tok)] * processor.num_query_tokens
     return {"qformer_input_ids": q_ids, "input_ids": [placeholders + ids for ids in llm_ids]}
 
 
-def encode_targets(processor, targets: list[str], family: str, max_output_txt_len: int) -> list[list[int]]:
-    """Answer token ids, ending in EOS for both families (T5's tokenizer adds it; for LLaMA we append it,
-    without the BOS the tokenizer would put first)."""
+def encode_targets(processor, targets: list[str], family: str, max_output_txt_len: int,
+                   llama_eos: bool = True) -> list[list[int]]:
+    """Answer token ids, without the BOS a LLaMA tokenizer would put first. They end in EOS: for T5 always
+    (its tokenizer adds it), for LLaMA when `llama_eos` (training targets; the original ranked candidates
+    without it)."""
     tok = processor.tokenizer
     if family == "t5":
         tok.truncation_side = "right"
         return tok(targets, truncation=True, max_length=max_output_txt_len)["input_ids"]
     ids = tok(targets, add_special_tokens=False)["input_ids"]
+    if not llama_eos:
+        return [t[:max_output_txt_len] for t in ids]
     return [t[: max_output_txt_len - 1] + [tok.eos_token_id] for t in ids]
 
 
@@ -139,12 +152,14 @@ def pad_id(tokenizer) -> int:
 
 class QADataset(torch.utils.data.Dataset):
     """Processed records -> {pixel_values, prompt, target, ...}. Augmentation draws from a RNG seeded by
-    (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted run would."""
+    (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted run would.
+    `clean_prompt`: the `clean_prompt` setting (the original's prompt cleaning)."""
 
     def __init__(self, records: list[dict], image_root: Path | None, dataset: str, transform: ImageTransform,
-                 seed: int = 0):
+                 seed: int = 0, clean_prompt: bool = True):
         self.records, self.image_root, self.dataset = records, image_root, dataset
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.clean_prompt = clean_prompt
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -157,7 +172,7 @@ class QADataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         image = load_image(self.image_root, r.get("image"), self.transform.image_size)
         return {"question_id": r["question_id"], "pixel_values": self.transform(image, rng),
-                "prompt": render_prompt(r, self.dataset), "target": target_text(r),
+                "prompt": render_prompt(r, self.dataset, self.clean_prompt), "target": target_text(r),
                 "candidates": candidate_texts(r), "answer_index": r["answer_index"]}
 
 
@@ -195,12 +210,14 @@ class TrainCollator:
 # ---------------------------------------------------------------- data order
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None,
-                  group_by_length: bool = False, megabatch_factor: int = 50) -> list[list[int]]:
+                  group_by_length: bool = False, megabatch_factor: int = 50,
+                  drop_last: bool = False) -> list[list[int]]:
     """The batches (lists of record indices) of one epoch: a permutation seeded by (seed, epoch), so any
     epoch's order can be rebuilt on resume and the consumed batches skipped.
 
     group_by_length: within megabatches of `megabatch_factor` batches, sort by length (longest first) so a
     batch pads little, then shuffle the batch order (the same trick as transformers' LengthGroupedSampler).
+    drop_last: leave out the last, partial batch (the original's training loader), unless it is the only one.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(num_items).tolist()
@@ -211,6 +228,8 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, length
         order = [i for start in range(0, num_items, size)
                  for i in sorted(order[start:start + size], key=lambda j: -lengths[j])]
     batches = [order[i:i + batch_size] for i in range(0, num_items, batch_size)]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
