@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from instructblip_peft.train import train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
+from train_fixtures import FAST, SINGLE_THREAD_ENV, curves, make_colour_dataset
 
 EXPERIMENT = "31"  # Q-Former + LLM LoRA: the Q-Former's dropout makes the torch RNG part of the state
 SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2, checkpoint_every_steps=2)
@@ -73,6 +73,9 @@ def final_state(out: Path) -> dict:
         "adapter": load_file(out / "adapter" / "adapter_model.safetensors"),
         "predictions": [(out / f"predictions_{s}.jsonl").read_text() for s in ("val", "test")],
         "log": log,
+        # samples/s is a timing: only its steps must match
+        "curves": {tag: [s for s, _ in v] if tag == "train/samples_per_s" else v
+                   for tag, v in curves(out).items()},
     }
 
 
@@ -84,6 +87,7 @@ def assert_same_run(a: dict, b: dict) -> None:
             assert torch.equal(a[key][name], b[key][name]), f"{key}: {name} differs"
     assert a["predictions"] == b["predictions"]
     assert a["log"] == b["log"]
+    assert a["curves"] == b["curves"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,11 @@ def test_killed_mid_epoch_resumes_to_the_same_end(data, uninterrupted, tmp_path)
                             lambda s: s["global_step"] >= 6 and s["iterations_in_epoch"] > 0)
     assert not (tmp_path / "metrics.json").exists()
     assert killed["epoch"] >= 1
+    # What the killed session may have logged after its checkpoint: the resumed one replaces it.
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(tmp_path / "tensorboard") as stray:
+        stray.add_scalar("train/loss", 999.0, killed["global_step"] + 1)
+        stray.add_scalar("val/accuracy", 999.0, killed["global_step"] + 1)
     train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
 
@@ -126,3 +135,4 @@ def test_force_starts_over(data, uninterrupted, tmp_path):
                     force=True, **settings)
     assert metrics["global_steps"] == 2
     assert [r.split(",")[0] for r in (tmp_path / "train_log.csv").read_text().split()[1:]] == ["1", "2"]
+    assert [s for s, _ in curves(tmp_path)["train/loss"]] == [1, 2]

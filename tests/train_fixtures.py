@@ -59,3 +59,13 @@ def make_colour_dataset(root: Path, n_train: int = 32, n_eval: int = 16, seed: i
 # Fast settings for tests: few samples, frequent checkpoints and logs, no augmentation noise in order.
 FAST = dict(epochs=2, batch_size=4, grad_accum_steps=1, max_train_samples=16, max_eval_samples=8,
             eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2)
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars as written to its event files: tag -> [(step, value), ...], as
+    TensorBoard reads them (a resumed session's purge of the steps after its checkpoint applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
