@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # torch first, and only when missing: elsewhere (Colab, an existing env) the installed build is kept;
 # letting pip resolve torch on its own could pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hatch_build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"

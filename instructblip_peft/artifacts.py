@@ -2,7 +2,8 @@
 
 - `run.json`: dataset, experiment, preset, model seed/source and the settings, enough to rebuild the model;
 - `checkpoint/`, `best/`: resume state and the best-val trainable tensors (checkpoint.py writes them);
-- `train_log.csv`: the loss every `log_every_steps` optimizer steps;
+- `train_log.csv`: the loss every `log_every_steps` optimizer steps; `tensorboard/`: the same curves and the
+  val accuracy per epoch as TensorBoard event files (report_to: tensorboard, tracking.py);
 - `adapter/`: the LoRA weights in peft's format; `trained_tensors.safetensors`: every other trained tensor
   (finetuned.py writes and reads both);
 - `predictions_{val,test}.jsonl`, then `metrics.json` last: its status "finished" marks a complete run;
@@ -29,6 +30,7 @@ from .io import read_json, remove_dir
 METRICS = "metrics.json"
 RUN_INFO = "run.json"
 TRAIN_LOG = "train_log.csv"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 ADAPTER_DIR = "adapter"
@@ -70,6 +72,10 @@ class RunDir:
     @property
     def train_log(self) -> Path:
         return self.path / TRAIN_LOG
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
 
     @property
     def checkpoint(self) -> Path:
@@ -158,7 +164,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove everything a training run writes (force=True), keeping the executed notebooks and the lock."""
-        for d in (self.checkpoint, self.best, self.adapter):
+        for d in (self.checkpoint, self.best, self.adapter, self.tensorboard):
             remove_dir(d)
         for f in (self.metrics_file, self.train_log, self.trained_tensors, self.run_info_file,
                   self.adalora_ranks, self.adalora_ranks_figure, *(self.predictions(s) for s in SPLITS_PREDICTED)):

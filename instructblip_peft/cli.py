@@ -8,6 +8,30 @@ import sys
 from .errors import UserError
 
 
+def cmd_init(args) -> int:
+    from .config import init_project, shipped_dir
+
+    dest = init_project(args.dir)
+    print(f"{dest}: params/ and notebooks/ copied from {shipped_dir()}, to edit. Commands run in this folder (or "
+          f"below it) use them, and data/ and outputs/ go here. Next: instructblip-peft preprocess scienceqa")
+    return 0
+
+
+class _Version(argparse.Action):
+    """--version: the version, where it comes from, and the params/ and notebooks/ folders in use."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+        from .config import notebooks_dir, params_dir, repository_url
+
+        print(f"instructblip-peft {__version__} ({repository_url() or 'no repository URL'})\n"
+              f"params:    {params_dir()}\nnotebooks: {notebooks_dir()}")
+        parser.exit()
+
+
 def cmd_params(args) -> int:
     from .accounting import account
     from .experiments import parse_ids
@@ -222,7 +246,12 @@ def _add_sharing_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructblip-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action=_Version, help="the version, and the params/ and notebooks/ folders in use")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="copy params/ and notebooks/ into a folder to edit; commands run there use them")
+    p.add_argument("dir", nargs="?", default=".", help="the folder (default: the working directory)")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("params", help="trainable / LoRA / total parameter counts per experiment (real size, "
                                       "meta device: no download)")

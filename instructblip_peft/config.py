@@ -18,11 +18,103 @@ from .errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
+PROJECT_MARKER = ".instructblip-peft"    # written by `instructblip-peft init` into the folder it fills
+PARAMS_ENV = "INSTRUCTBLIP_PEFT_PARAMS"
+WORKDIR_ENV = "INSTRUCTBLIP_PEFT_WORKDIR"
+
+
+# ---------------------------------------------------------------- where params/ and notebooks/ come from
+#
+# 1. INSTRUCTBLIP_PEFT_PARAMS=DIR: params/ is DIR (notebooks/ as below).
+# 2. A project folder: the working directory, or the nearest folder above it, holding the marker file that
+#    `instructblip-peft init` writes; its params/ and notebooks/ are used.
+# 3. The clone the package runs from (an editable install, or PYTHONPATH): its top-level params/, notebooks/.
+# 4. The installed copy: instructblip_peft/params and instructblip_peft/notebooks inside a wheel's package.
+# Relative paths of params/paths.yaml resolve against INSTRUCTBLIP_PEFT_WORKDIR, else the project folder (2),
+# else the clone (3), else the working directory.
+
+def project_dir(start: str | os.PathLike | None = None) -> Path | None:
+    """The folder made by `instructblip-peft init` that holds `start` (default: the working directory)."""
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / PROJECT_MARKER).is_file():
+            return d
+    return None
+
+
+def clone_dir() -> Path | None:
+    """The clone the package runs from, or None when it runs from an installed wheel."""
+    return REPO_DIR if (REPO_DIR / "pyproject.toml").is_file() and (REPO_DIR / "params").is_dir() else None
+
+
+def shipped_dir() -> Path:
+    """This install's own params/ and notebooks/: the clone's top level, else inside the installed package."""
+    return clone_dir() or PACKAGE_DIR
+
+
+def home_dir() -> Path:
+    """The folder whose params/ and notebooks/ are used: a project folder (made by `init`), else shipped_dir()."""
+    return project_dir() or shipped_dir()
 
 
 def params_dir() -> Path:
-    """params/ beside the package; INSTRUCTBLIP_PEFT_PARAMS points elsewhere (e.g. an edited copy)."""
-    return Path(os.environ.get("INSTRUCTBLIP_PEFT_PARAMS", REPO_DIR / "params"))
+    """params/ of home_dir(); INSTRUCTBLIP_PEFT_PARAMS points elsewhere (e.g. an edited copy)."""
+    return Path(os.environ.get(PARAMS_ENV) or home_dir() / "params").expanduser().absolute()
+
+
+def notebooks_dir() -> Path:
+    return home_dir() / "notebooks"
+
+
+def init_project(dest: str | os.PathLike = ".") -> Path:
+    """`instructblip-peft init [DIR]`: copy this install's params/ and notebooks/ into DIR, to edit, and mark
+    DIR as a project folder. Never overwrites; a failure leaves DIR as it was."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest).expanduser().absolute()
+    source = shipped_dir()
+    taken = [p for p in (dest / "params", dest / "notebooks", dest / PROJECT_MARKER) if p.exists()]
+    if taken:
+        raise UserError(f"{taken[0]} already exists: init never overwrites, choose an empty folder (or delete it)")
+    created = []
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".init-", dir=dest))
+        try:
+            skip = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "*.py", "*.pyc")
+            for name in ("params", "notebooks"):
+                shutil.copytree(source / name, work / name, ignore=skip)
+            for name in ("params", "notebooks"):
+                os.replace(work / name, dest / name)
+                created.append(dest / name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        (dest / PROJECT_MARKER).write_text(
+            "instructblip-peft project folder (written by `instructblip-peft init`). Whenever the package runs in\n"
+            "this folder or below it, it reads params/ and notebooks/ here, and the relative paths of\n"
+            "params/paths.yaml (data/, outputs/) are relative to this folder.\n")
+    except OSError as e:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise UserError(f"cannot create a project folder in {dest}: {e.strerror or e}") from None
+    return dest
+
+
+def repository_url() -> str | None:
+    """[project.urls] Repository of pyproject.toml: read from the clone, else from the installed metadata."""
+    import re
+    from importlib import metadata
+
+    clone = clone_dir()
+    if clone is not None:
+        found = re.search(r'^Repository\s*=\s*"([^"]+)"', (clone / "pyproject.toml").read_text(), re.M)
+        return found.group(1) if found else None
+    try:
+        urls = metadata.metadata("instructblip-peft").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    return next((u.split(",", 1)[1].strip() for u in urls if u.split(",", 1)[0].strip() == "Repository"), None)
 
 
 def load_yaml(name: str) -> dict:
@@ -50,6 +142,7 @@ CHOICES = {
     "lr_schedule": ("linear_per_epoch",),
     "peft_method": ("lora", "dora", "rslora", "adalora", "ia3"),
     "quantize": ("none", "4bit", "8bit"),
+    "report_to": ("tensorboard", "wandb", "trackio", "mlflow", "none"),
 }
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
@@ -176,10 +269,11 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
 
 
 def work_dir() -> Path:
-    """What relative paths of params/paths.yaml are relative to: the repository root, or
-    INSTRUCTBLIP_PEFT_WORKDIR (the test suite points it at a temporary directory, so executing the notebooks
-    with their defaults never touches a user's data/ or outputs/)."""
-    return Path(os.environ.get("INSTRUCTBLIP_PEFT_WORKDIR") or REPO_DIR)
+    """What relative paths of params/paths.yaml are relative to: INSTRUCTBLIP_PEFT_WORKDIR (the test suite
+    points it at a temporary directory, so executing the notebooks with their defaults never touches a user's
+    data/ or outputs/), else the project folder made by `init`, else the clone, else the working directory."""
+    env = os.environ.get(WORKDIR_ENV)
+    return Path(env).expanduser().absolute() if env else project_dir() or clone_dir() or Path.cwd()
 
 
 def path_setting(key: str) -> Path:

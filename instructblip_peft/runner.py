@@ -6,6 +6,7 @@ and the settings overrides travel into the notebooks as one `overrides` dict.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,14 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import RunDir
-from .config import (REPO_DIR, analysis_dir, load_yaml, outputs_root, processed_root, resolve_settings, run_dir,
-                     validate_overrides)
+from .config import (PARAMS_ENV, WORKDIR_ENV, analysis_dir, load_yaml, notebooks_dir, outputs_root, params_dir,
+                     processed_root, resolve_settings, run_dir, validate_overrides, work_dir)
 from .data.records import DATASETS, MANIFEST
 from .errors import UserError
-from .data.preprocess import HUB_PREFIX
+from .data.preprocess import HUB_PREFIX, check_raw
 from .experiments import check_method, get_experiment, parse_ids, representative_id, run_name
+from .tracking import ProgressTail, check_tracker
 
-NOTEBOOK_DIR = REPO_DIR / "notebooks"
+NOTEBOOK_DIR: Path | None = None   # None: config.notebooks_dir() (a project folder, the clone or the installed copy)
+LIVE_NOTEBOOKS = ("train",)        # notebooks whose progress the terminal shows while they run (tracking.py)
+
+
+def notebook_dir() -> Path:
+    return NOTEBOOK_DIR or notebooks_dir()
 
 
 def runner_settings() -> dict:
@@ -55,15 +62,21 @@ def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = 
 
     settings = runner_settings()
     name = settings["notebooks"][notebook_key]
-    source = NOTEBOOK_DIR / name
+    source = notebook_dir() / name
     if not source.is_file():
         raise UserError(f"notebook {source} not found")
+    live = progress and process_rank() == 0 and notebook_key in LIVE_NOTEBOOKS
+    # The kernel uses the params/ and the work directory resolved here, whichever folder it starts in.
+    kernel_env = {PARAMS_ENV: str(params_dir()), WORKDIR_ENV: str(work_dir())}
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=settings["kernel_name"],
-                            cwd=str(NOTEBOOK_DIR), progress_bar=progress and _interactive(), log_output=False,
-                            # The kernel's start-up warnings (plain-TCP transport on localhost) are noise here.
-                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        Path(kernel_env[WORKDIR_ENV]).mkdir(parents=True, exist_ok=True)
+        with _environ(kernel_env), ProgressTail() if live else contextlib.nullcontext():
+            pm.execute_notebook(str(source), str(output), parameters=parameters, kernel_name=settings["kernel_name"],
+                                cwd=kernel_env[WORKDIR_ENV], log_output=False,
+                                progress_bar=progress and not live and _interactive(),
+                                # The kernel's start-up warnings (plain-TCP transport on localhost) are noise here.
+                                extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as e:
         raise NotebookFailed(name, output, _cell_number(output, e.exec_count), e.ename, e.evalue) from None
     except OSError as e:  # the executed notebook cannot be written (a directory in its place, no space, ...)
@@ -76,6 +89,21 @@ def execute(notebook_key: str, output: Path, parameters: dict, progress: bool = 
             raise NotebookFailed(name, output, None, type(e).__name__, str(e)) from None
         raise
     return output
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    """Set environment variables for the kernels started inside the block (they inherit them), then restore."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _interactive() -> bool:
@@ -121,6 +149,7 @@ def execute_preprocess(dataset: str, raw_dir: str | Path | None = None, processe
         raw = str(Path(raw).expanduser().resolve())
         if not Path(raw).is_dir():
             raise UserError(f"raw data directory {raw} not found")
+        check_raw(dataset, Path(raw))  # the expected files are there: the notebook starts only then
     settings = validate_overrides(overrides)
     other = sorted(set(settings) - set(PREPROCESS_SETTINGS))
     if other:
@@ -161,8 +190,9 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
     overrides = validate_overrides(overrides)
-    settings = resolve_settings(dataset, exp, preset_dict, overrides)  # what train() will see: fails here, not in a kernel
+    settings = resolve_settings(dataset, exp, preset_dict, overrides)  # what train() sees: fails here, not in a kernel
     check_method(exp, settings)
+    check_tracker(settings.report_to)
     processed = processed_root(processed_dir)
     if not (processed / dataset / MANIFEST).is_file():
         raise UserError(f"no processed {dataset} data in {processed / dataset}: run "

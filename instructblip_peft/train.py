@@ -18,6 +18,7 @@ import random
 import resource
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import evaluate as evaluation  # called as evaluation.evaluate: tests plant faults in it
+from . import tracking
 from .accounting import count_parameters, full_qformer_size
 from .artifacts import RunDir
 from .config import dataset_dir as default_dataset_dir
@@ -40,14 +42,14 @@ from .errors import UserError
 from .experiments import RANKLESS_METHODS, check_method, get_experiment
 from .finetuned import write_finetuned
 from .importance import method_state
-from .io import atomic_dir, atomic_path, read_json, write_json, write_jsonl, write_text
+from .io import atomic_dir, atomic_path, read_json, remove_dir, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
 from .model import default_dtype, family_of, load_model, preset_for, set_gradient_checkpointing
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
 RESUME_SAFE_SETTINGS = {"num_workers", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
-                        "eval_vision_cache", "gradient_checkpointing"}
+                        "eval_vision_cache", "gradient_checkpointing", "report_to"}
 
 
 class NonFiniteLossError(UserError):
@@ -150,6 +152,7 @@ class TrainState:
     train_time_s: float = 0.0            # seconds spent in training steps (for samples/s)
     train_samples: int = 0
     wall_time_s: float = 0.0             # wall time of all sessions up to the last checkpoint
+    tracker_run_id: str | None = None    # the W&B run this run's curves go to (continued on resume)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +185,8 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(settings.mixed_precision),
                               gradient_accumulation_steps=settings.grad_accum_steps or 1,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(),
+                              log_with=tracking.log_with(settings.report_to), project_dir=str(run.path))
     with run.lock() if accelerator.is_main_process else contextlib.nullcontext():
         if force and accelerator.is_main_process:
             run.clear()
@@ -199,7 +203,10 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
                       f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
             return metrics
         accelerator.wait_for_everyone()
-        return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress).run()
+        try:
+            return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress).run()
+        finally:
+            tracking.finish_trackers(accelerator)
 
 
 class _Run:
@@ -213,6 +220,7 @@ class _Run:
         self.start_time = time.time()
         self.wall_offset = 0.0  # time spent by earlier, interrupted sessions of this run
         self.state: TrainState | None = None
+        self.live: tracking.TrainingProgress | None = None   # the CLI's progress line (tracking.py)
 
     # ------------------------------------------------------------ setup
 
@@ -271,6 +279,13 @@ class _Run:
     # ------------------------------------------------------------ main
 
     def run(self) -> dict:
+        self.live = tracking.TrainingProgress(f"{self.dataset} {self.exp.id}", enabled=self.acc.is_main_process)
+        try:
+            return self._run()
+        finally:
+            self.live.close()
+
+    def _run(self) -> dict:
         run, acc = self.run_dir, self.acc
         self.load_data()
         model, self.processor = self.build_model()
@@ -321,9 +336,17 @@ class _Run:
                 print(f"resuming {run.path} from epoch {state.epoch + 1}, step {state.global_step}")
         elif acc.is_main_process:
             run.train_log.unlink(missing_ok=True)
+            remove_dir(run.tensorboard)
         if acc.is_main_process:
             _trim_log(run.train_log, state.global_step)
         self.wall_offset = state.wall_time_s
+        # uuid4 draws from the OS, not from the seeded RNGs: the run stays a function of its seed.
+        state.tracker_run_id = state.tracker_run_id or uuid.uuid4().hex[:16]
+        config = {"dataset": self.dataset, "experiment": self.exp.id, "preset": self.preset["name"], **s}
+        tracking.start_trackers(acc, s.report_to, run.path, f"{self.dataset}-{self.exp.id}", config,
+                                resume_step=state.global_step if existing is not None else None,
+                                run_id=state.tracker_run_id)
+        self.live.started(state.epoch, s.epochs, state.global_step)
 
         log_file = open(run.train_log, "a", newline="") if acc.is_main_process else None
         try:
@@ -363,6 +386,8 @@ class _Run:
             steps_per_epoch = math.ceil(math.ceil(len(batches) / world) / (s.grad_accum_steps or 1))
             if bar.total is None:
                 bar.total = steps_per_epoch * s.epochs
+            if self.live.total_steps is None:
+                self.live.total_steps = min(steps_per_epoch * s.epochs, s.max_steps or math.inf)
             bar.set_description(f"epoch {epoch + 1}/{s.epochs}")
             model.train()
             reached_max = bool(s.max_steps and state.global_step >= s.max_steps)
@@ -373,6 +398,7 @@ class _Run:
                                                      num_workers=s.num_workers, generator=torch.Generator())
                 loader = acc.prepare(loader)
                 t0 = time.time()
+                epoch_from = rate_from = (t0, state.train_samples)   # samples/s over the log window / the epoch
                 for batch in loader:
                     with acc.accumulate(model):
                         loss = model(**batch).loss
@@ -397,8 +423,11 @@ class _Run:
                     bar.update(1)
                     step = state.global_step
                     at_log = step % s.log_every_steps == 0
-                    at_ckpt = step % s.checkpoint_every_steps == 0
                     reached_max = bool(s.max_steps and step >= s.max_steps)
+                    # The epoch's end writes its own checkpoint after logging val accuracy at this step: one here
+                    # too would let a resumed run log that step's val accuracy twice.
+                    ends_epoch = reached_max or acc.gradient_state.end_of_dataloader
+                    at_ckpt = step % s.checkpoint_every_steps == 0 and not ends_epoch
                     if at_log or at_ckpt or reached_max:
                         self._check_finite(nonfinite, lr)
                     if at_log:
@@ -410,8 +439,14 @@ class _Run:
                             except OSError as e:  # a full disk: the log is trimmed to the checkpoint on resume
                                 raise UserError(f"cannot write {run.train_log}: {e.strerror or e}") from None
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                        now = time.time()
+                        rate = (state.train_samples - rate_from[1]) / max(now - rate_from[0], 1e-9)
+                        rate_from = (now, state.train_samples)
+                        self.live.loss, self.live.samples_per_s = mean, rate
+                        acc.log({"train/loss": mean, "train/lr": lr, "train/samples_per_s": rate}, step=step)
                         window_sum.zero_()
                         state.window_count = 0
+                    self.live.step(epoch, s.epochs, step)
                     if at_ckpt:
                         state.train_time_s += time.time() - t0
                         t0 = time.time()
@@ -421,6 +456,7 @@ class _Run:
                     if reached_max:
                         break
                 state.train_time_s += time.time() - t0
+                self.live.samples_per_s = (state.train_samples - epoch_from[1]) / max(time.time() - epoch_from[0], 1e-9)
             self._check_finite(nonfinite, lr)
             if reached_max:
                 state.stopped = "max_steps"
@@ -440,11 +476,15 @@ class _Run:
     def _end_epoch(self, model, loss_sum):
         s, run, acc, state = self.settings, self.run_dir, self.acc, self.state
         epoch = state.epoch
+        self.live.status(f"epoch {epoch + 1}/{s.epochs}, step {state.global_step}/{self.live.total_steps}, "
+                         "evaluating val")
         result = self.evaluate(acc.unwrap_model(model), "val")
         count = state.epoch_loss_count
+        train_loss = (loss_sum / count).item() if count else None
         state.history.append({"epoch": epoch + 1, "val_accuracy": result.accuracy,
-                              "train_loss": (loss_sum / count).item() if count else None,
-                              "steps": state.global_step})
+                              "train_loss": train_loss, "steps": state.global_step})
+        acc.log({"val/accuracy": result.accuracy, "epoch": epoch + 1,
+                 **({"train/epoch_loss": train_loss} if train_loss is not None else {})}, step=state.global_step)
         if state.best_val_accuracy is None or result.accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_epoch = result.accuracy, epoch + 1
             state.epochs_without_improvement = 0
@@ -462,6 +502,8 @@ class _Run:
         if self.progress:
             print(f"epoch {epoch + 1}: val accuracy {result.accuracy:.4f} (best {state.best_val_accuracy:.4f} "
                   f"at epoch {state.best_epoch})")
+        self.live.epoch_done(epoch, s.epochs, state.global_step, train_loss, result.accuracy,
+                             state.best_val_accuracy, state.best_epoch)
         state.epoch, state.iterations_in_epoch = epoch + 1, 0
         state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
         self.save_checkpoint(run.checkpoint)
@@ -482,8 +524,11 @@ class _Run:
             val_accuracy, val_breakdown = best_info["val_accuracy"], best_info["val_breakdown"]
             val_predictions_src = best / RunDir.predictions_name("val")
         else:
+            self.live.status("evaluating val")
             val = self.evaluate(model, "val")
             val_accuracy, val_breakdown = val.accuracy, val.breakdown
+        self.live.status("evaluating test" + (" with the best-val weights" if state is not None and s.test_on_best
+                                              else ""))
         test = self.evaluate(model, "test")
         counts = count_parameters(model)
         metrics = {
@@ -516,5 +561,6 @@ class _Run:
                 write_jsonl(run.predictions("val"), val.predictions)
             write_jsonl(run.predictions("test"), test.predictions)
             write_json(run.metrics_file, metrics)  # last: "finished" marks a complete run directory
+        self.live.finished(f"val accuracy {val_accuracy:.4f}, test accuracy {test.accuracy:.4f}")
         acc.wait_for_everyone()
         return metrics

@@ -19,6 +19,7 @@ FAST = ["--preset", "tiny", "-p", "max_steps", "2", "-p", "max_eval_samples", "8
     (["sweep", "scienceqa", "1-70"], "unknown experiment ID '65'"),
     (["preprocess", "scienceqa", "-p", "epochs", "3"], "preprocess takes only keep_text_only, skip_invalid"),
     (["preprocess", "iconqa", "--raw", "hub:someone/IconQA"], "hub datasets are supported for scienceqa only"),
+    (["run", "scienceqa", "27", "-p", "report_to", "comet"], "setting 'report_to' must be one of"),
 ])
 def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -29,6 +30,22 @@ def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
 def test_run_without_processed_data_says_what_to_do(tmp_path, capsys):
     assert cli.main(["run", "iconqa", "27", "--processed", str(tmp_path)]) == 2
     assert "run `instructblip-peft preprocess iconqa` first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("scienceqa", "ScienceQA problems.json not found under"),
+    ("iconqa", "IconQA data not found under"),
+    ("custom", "custom dataset: missing file(s)"),
+])
+def test_preprocess_of_a_folder_without_the_expected_files_fails_before_any_notebook(dataset, message, tmp_path,
+                                                                                      capsys):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "pid_splits.json").write_text("{}")   # something, but not what the reader needs
+    processed = tmp_path / "processed"
+    assert cli.main(["preprocess", dataset, "--raw", str(tmp_path / "raw"), "--processed", str(processed)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(tmp_path / "raw") in err and len(err.strip().splitlines()) == 1
+    assert not processed.exists()   # no executed notebook, nothing half-written
 
 
 @pytest.mark.parametrize("argv", [["-v", "run", "scienceqa", "99"], ["run", "scienceqa", "99", "-v"]])
@@ -52,6 +69,12 @@ def test_run_twice_sweep_past_a_failure_and_analyze_partial_results(processed, t
     run_dir = outputs / "scienceqa" / "27"
 
     assert cli.main(["run", "scienceqa", "27", *FAST, *where]) == 0
+    # The notebook's output stays in the notebook; the terminal (here not one) gets a line per epoch.
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[0] == "scienceqa 27: training 10 epochs"
+    assert progress[1].startswith("scienceqa 27: epoch 1/10, step 2/2, loss ")
+    assert "val accuracy" in progress[1] and "samples/s, ETA 0:00" in progress[1]
+    assert progress[2].startswith("scienceqa 27: val accuracy ") and "test accuracy" in progress[2]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["preset"] == "tiny-t5"
     for name in ("02_train.ipynb", "03_results.ipynb", "predictions_test.jsonl"):

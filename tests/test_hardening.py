@@ -112,12 +112,14 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.rglob("*.tmp") if p.is_file())
 
 
-# 3 epochs of 4 steps; checkpoints (in order): steps 2, 4, end of epoch 1 (step 4), 6, 8, end of epoch 2, ...;
-# evaluations: val after each epoch, then test.
+# 3 epochs of 4 steps; checkpoints (in order): step 2, end of epoch 1 (step 4), 6, end of epoch 2 (step 8), ...
+# (a step that ends an epoch is checkpointed once, after the val evaluation); evaluations: val after each
+# epoch, then test.
 KILL_POINTS = {
     "mid-step": ("step", 7),                      # epoch 2, one step after the step-6 checkpoint
-    "mid-checkpoint-write": ("write", 4),         # the step-6 checkpoint, half in checkpoint.tmp/
-    "between-checkpoint-renames": ("rename", 5),  # step 8: checkpoint/ moved to checkpoint.old/, new one not in place
+    "mid-checkpoint-write": ("write", 3),         # the step-6 checkpoint, half in checkpoint.tmp/
+    "between-checkpoint-renames": ("rename", 4),  # end of epoch 2: checkpoint/ moved to checkpoint.old/, new one
+                                                  # not in place
     "mid-validation": ("eval", 2),                # epoch 2's val evaluation (all its batches consumed)
     "mid-test-evaluation": ("eval", 4),           # training done, best/ written, metrics not yet
 }
@@ -183,7 +185,7 @@ def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(data, uninte
         # save_file writes io.atomic_path's temporary file beside checkpoint.tmp/trainable.safetensors
         if Path(filename).parent.name == "checkpoint.tmp" and ckpt.TRAINABLE in Path(filename).name:
             calls.append(filename)
-        if len(calls) == 4:  # the 4th checkpoint (step 6)
+        if len(calls) == 3:  # the 3rd checkpoint (step 6)
             with open(filename, "wb") as f:
                 f.write(b"\0" * 10)  # the disk fills up part-way through
             calls.append("failed")

@@ -12,7 +12,7 @@ import pytest
 
 from instructblip_peft.train import train
 
-from train_fixtures import EXPERIMENT, SETTINGS, SINGLE_THREAD_ENV, assert_same_run, final_state
+from train_fixtures import EXPERIMENT, SETTINGS, SINGLE_THREAD_ENV, assert_same_run, curves, final_state
 
 # Fixtures from conftest.py: data (the processed colour dataset), uninterrupted (final_state of the same run
 # never interrupted).
@@ -64,6 +64,11 @@ def test_killed_mid_epoch_resumes_to_the_same_end(data, uninterrupted, tmp_path)
                             lambda s: s["global_step"] >= 6 and s["iterations_in_epoch"] > 0)
     assert not (tmp_path / "metrics.json").exists()
     assert killed["epoch"] >= 1
+    # What the killed session may have logged after its checkpoint: the resumed one replaces it.
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(tmp_path / "tensorboard") as stray:
+        stray.add_scalar("train/loss", 999.0, killed["global_step"] + 1)
+        stray.add_scalar("val/accuracy", 999.0, killed["global_step"] + 1)
     train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
 
@@ -86,3 +91,4 @@ def test_force_starts_over(data, uninterrupted, tmp_path):
                     force=True, **settings)
     assert metrics["global_steps"] == 2
     assert [r.split(",")[0] for r in (tmp_path / "train_log.csv").read_text().split()[1:]] == ["1", "2"]
+    assert [s for s, _ in curves(tmp_path)["train/loss"]] == [1, 2]

@@ -19,7 +19,7 @@ from instructblip_peft.lora import apply_experiment, trainable_parameters
 from instructblip_peft.model import load_model
 from instructblip_peft.train import NonFiniteLossError, lr_for_epoch, param_groups, train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV
+from train_fixtures import FAST, SINGLE_THREAD_ENV, curves
 
 # `data` (the processed colour dataset) is conftest.py's fixture.
 
@@ -70,6 +70,26 @@ def test_log_follows_the_schedule_and_loss_falls(run_dir):
         assert [float(r["lr"]) for r in epoch_rows] == pytest.approx([lr * (1 - (epoch - 1) / 3)] * len(epoch_rows))
     mean = {e: sum(float(r["loss"]) for r in rs) / len(rs) for e, rs in by_epoch.items()}
     assert mean[3] < mean[1] - 0.1
+
+
+def test_tensorboard_curves_are_the_log_and_the_history(run_dir):
+    """report_to tensorboard (the default): event files in the run directory with the logged loss and learning
+    rate at every logged step, samples/s, and the val accuracy of each epoch at the step it ended on."""
+    rows = log_rows(run_dir / "train_log.csv")
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    got = curves(run_dir)
+    assert [s for s, _ in got["train/loss"]] == [int(r["step"]) for r in rows]
+    assert [v for _, v in got["train/loss"]] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
+    assert [v for _, v in got["train/lr"]] == pytest.approx([float(r["lr"]) for r in rows])
+    assert [s for s, _ in got["train/samples_per_s"]] == [int(r["step"]) for r in rows]
+    assert all(v > 0 for _, v in got["train/samples_per_s"])
+    assert got["val/accuracy"] == [(h["steps"], pytest.approx(h["val_accuracy"])) for h in history]
+
+
+def test_report_to_none_writes_no_tracker_files(data, tmp_path):
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False,
+          **dict(SETTINGS, max_steps=1, report_to="none"))
+    assert (tmp_path / "metrics.json").is_file() and not (tmp_path / "tensorboard").exists()
 
 
 def test_epoch_order_is_a_seeded_permutation():

@@ -83,6 +83,9 @@ def final_state(out: Path) -> dict:
         "adapter": load_file(out / "adapter" / "adapter_model.safetensors"),
         "predictions": [(out / f"predictions_{s}.jsonl").read_text() for s in ("val", "test")],
         "log": log,
+        # samples/s is a timing: only its steps must match
+        "curves": {tag: [s for s, _ in v] if tag == "train/samples_per_s" else v
+                   for tag, v in curves(out).items()},
     }
 
 
@@ -94,3 +97,14 @@ def assert_same_run(a: dict, b: dict) -> None:
             assert torch.equal(a[key][name], b[key][name]), f"{key}: {name} differs"
     assert a["predictions"] == b["predictions"]
     assert a["log"] == b["log"]
+    assert a["curves"] == b["curves"]
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars as written to its event files: tag -> [(step, value), ...], as
+    TensorBoard reads them (a resumed session's purge of the steps after its checkpoint applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

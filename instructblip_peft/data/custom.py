@@ -18,11 +18,15 @@ REQUIRED = ("image", "question", "choices", "answer_index")
 OPTIONAL = ("context", "question_id", "meta")
 
 
-def read(raw: Path, *, issues: Issues, progress: bool = True) -> dict:
+def check_files(raw: Path) -> None:
     missing = [str(raw / f"{s}.jsonl") for s in SPLITS if not (raw / f"{s}.jsonl").is_file()]
     if missing:
         raise UserError(f"custom dataset: missing file(s) {', '.join(missing)} (one JSONL per split: "
                         f"{', '.join(s + '.jsonl' for s in SPLITS)})")
+
+
+def read(raw: Path, *, issues: Issues, progress: bool = True) -> dict:
+    check_files(raw)
     splits = {}
     for split in SPLITS:
         path = raw / f"{split}.jsonl"

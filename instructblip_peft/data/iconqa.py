@@ -55,17 +55,29 @@ def _check(split: str, pid: str, p, file: Path, image_root: Path, image_rel: str
     return True
 
 
-def read(raw: Path, *, issues: Issues, progress: bool = True) -> dict:
+def find_layout(raw: Path) -> tuple[str, Path]:
+    """("problems", the folder of problems.json) or ("per_question", the folder holding {split}/choose_txt/);
+    a UserError saying where it looked when neither is there."""
     for rel in JSON_DIRS:
-        if (raw / rel / "problems.json").is_file():
-            return _read_problems(raw / rel, issues, progress)
+        d = raw / rel
+        if (d / "problems.json").is_file():
+            if not (d / "pid_splits.json").is_file():
+                raise UserError(f"{d / 'problems.json'} found but {d / 'pid_splits.json'} is missing")
+            return "problems", d
     for rel in QUESTION_DIRS:
         d = raw / rel
         if any((d / s / QUES_TYPE).is_dir() for s in SPLITS):
-            return _read_per_question(raw, d, issues, progress)
+            return "per_question", d
     looked = [str(raw / rel / "problems.json") for rel in JSON_DIRS] + \
              [str(raw / rel / "{train,val,test}" / QUES_TYPE) for rel in QUESTION_DIRS]
     raise UserError(f"IconQA data not found under {raw} (looked for: {', '.join(looked)})")
+
+
+def read(raw: Path, *, issues: Issues, progress: bool = True) -> dict:
+    layout, d = find_layout(raw)
+    if layout == "problems":
+        return _read_problems(d, issues, progress)
+    return _read_per_question(raw, d, issues, progress)
 
 
 def _read_problems(json_dir: Path, issues: Issues, progress: bool) -> dict:

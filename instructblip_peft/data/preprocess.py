@@ -36,6 +36,25 @@ def raw_source(dataset: str, raw_dir: str | os.PathLike | None):
     return Path(raw_dir)
 
 
+def check_raw(dataset: str, raw: Path) -> None:
+    """A UserError (one line: what is missing, where it looked) when the raw directory does not hold the files
+    the dataset's reader expects; checked before any notebook starts, and before anything is written."""
+    if not Path(raw).is_dir():
+        raise UserError(f"raw {dataset} directory not found: {raw}")
+    if dataset == "scienceqa":
+        from .scienceqa import find_json_dir
+
+        find_json_dir(Path(raw))
+    elif dataset == "iconqa":
+        from .iconqa import find_layout
+
+        find_layout(Path(raw))
+    elif dataset == "custom":
+        from .custom import check_files
+
+        check_files(Path(raw))
+
+
 def _defaults(keep_text_only, skip_invalid) -> tuple[bool, bool]:
     d = default_settings()
     return (d["keep_text_only"] if keep_text_only is None else bool(keep_text_only),
@@ -65,8 +84,9 @@ def preprocess(dataset: str, raw, processed_dir=None, *, keep_text_only: bool | 
         raise UserError(f"a datasets.Dataset input is only supported for scienceqa (the ScienceQA hub "
                         f"schema), not '{dataset}'; give {dataset} a directory")
     if not hub:
-        if raw is None or not Path(raw).is_dir():
+        if raw is None:
             raise UserError(f"raw {dataset} directory not found: {raw}")
+        check_raw(dataset, Path(raw))
         raw = Path(raw).absolute()
 
     try:
