@@ -5,17 +5,19 @@ not finished are shown as missing, never dropped silently.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from .artifacts import RunDir, run_dirs
 from .config import load_yaml
+from .data.scienceqa import CATEGORIES as SCIENCEQA_CATEGORIES
+from .errors import UserError
 from .experiments import get_experiment, registry
 from .io import atomic_path, write_text
-
-SCIENCEQA_CATEGORIES = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"]
+# What write_report saves in <outputs>/analysis/ (figures: <name>.png).
+REPORT_FILES = {"csv": "results.csv", "markdown": "results.md"}
 TABLE_COLUMNS = ["dataset", "experiment", "llm", "group", "label", "rank", "preset", "status", "val_accuracy",
                  "test_accuracy", "trainable_params", "lora_params", "total_params", "full_qformer_params",
                  "trainable_share", "best_epoch", "epochs_run", "wall_time_s", "run_dir"]
@@ -25,21 +27,20 @@ def _experiment_order() -> dict[str, int]:
     return {eid: i for i, eid in enumerate(registry())}
 
 
-def read_run(run_dir: Path) -> dict:
+def read_run(run_dir: Path | RunDir) -> dict:
     """One row for a run directory: its metrics when finished, else its status (running/failed)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_dir = run.path
     dataset, experiment = run_dir.parent.name, run_dir.name
-    metrics_path = run_dir / "metrics.json"
-    metrics = {}
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError:
-            metrics = {"status": "unreadable metrics.json"}
+    try:
+        metrics = run.metrics() or {}
+    except UserError:
+        metrics = {"status": f"unreadable {run.metrics_file.name}"}
     exp = get_experiment(experiment)
     row = {"dataset": dataset, "experiment": experiment, "llm": exp.llm, "group": exp.group, "label": exp.label,
            "rank": exp.rank, "status": metrics.get("status") or "unfinished", "run_dir": str(run_dir)}
     for key in TABLE_COLUMNS:
-        # Identity columns come from the registry (metrics.json's "group" is the human label).
+        # Identity columns come from the registry.
         if key in metrics and key not in ("dataset", "experiment", "llm", "group", "label", "rank", "run_dir",
                                           "status"):
             row[key] = metrics[key]
@@ -53,13 +54,7 @@ def read_run(run_dir: Path) -> dict:
 
 def collect_runs(outputs_dir: str | Path) -> pd.DataFrame:
     """Every run under outputs_dir/<dataset>/<experiment id>/ (finished or not), one row each."""
-    outputs_dir = Path(outputs_dir)
-    known = set(registry())
-    rows = []
-    if outputs_dir.is_dir():
-        for run_dir in sorted(p for p in outputs_dir.glob("*/*") if p.is_dir()):
-            if run_dir.name in known and any(run_dir.iterdir()):
-                rows.append(read_run(run_dir))
+    rows = [read_run(run) for run in run_dirs(outputs_dir)]
     df = pd.DataFrame(rows)
     for col in TABLE_COLUMNS:
         if col not in df:
@@ -219,7 +214,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    paths = {"csv": out_dir / "results.csv", "markdown": out_dir / "results.md"}
+    paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     write_text(paths["csv"], df.to_csv(index=False))
     write_text(paths["markdown"], summary_table(df).to_markdown(index=False, floatfmt=".2f") + "\n")
     for name, plot in (("heatmap", plot_heatmaps), ("share", plot_share), ("scienceqa_categories", plot_categories)):

@@ -1,23 +1,25 @@
-"""What a finished run leaves in its output directory, and loading its fine-tuned model back.
+"""A run's output directory, `<outputs>/<dataset>/<experiment id>/`: the one place that knows its layout.
 
-- `adapter/`: the LoRA weights in peft's format (`PeftModel.from_pretrained(base, output_dir/"adapter")`);
-- `trained_tensors.safetensors`: every other trained tensor (query tokens, projection, layer norm, and the
-  whole Q-Former where it trains), by name from the InstructBLIP root;
-- `run.json`: dataset, experiment, preset, model seed/source and the settings, enough to rebuild the model.
+- `run.json`: dataset, experiment, preset, model seed/source and the settings, enough to rebuild the model;
+- `checkpoint/`, `best/`: resume state and the best-val trainable tensors (checkpoint.py writes them);
+- `train_log.csv`: the loss every `log_every_steps` optimizer steps;
+- `adapter/`: the LoRA weights in peft's format; `trained_tensors.safetensors`: every other trained tensor
+  (finetuned.py writes and reads both);
+- `predictions_{val,test}.jsonl`, then `metrics.json` last: its status "finished" marks a complete run;
+- the executed notebooks (names from params/runner.yaml) and `run.lock`.
+
+Light on purpose (no torch): the runner, the analysis and the notebooks ask it questions about runs.
 """
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 from pathlib import Path
 
-import torch
-
-from . import checkpoint as ckpt
-from .config import Settings
+from .config import load_yaml
 from .errors import UserError
-from .experiments import get_experiment
-from .io import read_json
-from .lora import base_model, non_lora_trainable, quiet_peft_deprecations
-from .model import default_dtype, load_model, load_preset
+from .io import read_json, remove_dir
 
 METRICS = "metrics.json"
 RUN_INFO = "run.json"
@@ -26,62 +28,157 @@ CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 ADAPTER_DIR = "adapter"
 TRAINED_TENSORS = "trained_tensors.safetensors"
+LOCK = "run.lock"
+SPLITS_PREDICTED = ("val", "test")
 
 
-def predictions_file(split: str) -> str:
-    return f"predictions_{split}.jsonl"
+def notebook_name(key: str) -> str:
+    """The file name of a notebook by its key in params/runner.yaml (train, results, analysis, ...)."""
+    return load_yaml("runner.yaml")["notebooks"][key]
 
 
-def write_finetuned(output_dir: Path, model) -> None:
-    """Write the adapter (if the model has LoRA) and the other trained tensors of `model`."""
-    output_dir = Path(output_dir)
-    if hasattr(model, "peft_config"):
-        with ckpt.write_dir(output_dir / ADAPTER_DIR) as tmp:
-            model.save_pretrained(tmp)
-    ckpt.save_tensors(output_dir / TRAINED_TENSORS, non_lora_trainable(model))
+class RunDir:
+    """Paths of one run directory and the questions asked about it (finished? by whom?)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------ layout
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def run_info_file(self) -> Path:
+        return self.path / RUN_INFO
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / TRAIN_LOG
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST_DIR
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def trained_tensors(self) -> Path:
+        return self.path / TRAINED_TENSORS
+
+    @staticmethod
+    def predictions_name(split: str) -> str:
+        return f"predictions_{split}.jsonl"
+
+    def predictions(self, split: str) -> Path:
+        return self.path / self.predictions_name(split)
+
+    def notebook(self, key: str) -> Path:
+        return self.path / notebook_name(key)
+
+    # ------------------------------------------------------------ state
+
+    def metrics(self) -> dict | None:
+        """metrics.json's content; None when there is none yet. A damaged file is a UserError."""
+        return read_json(self.metrics_file, "metrics") if self.metrics_file.is_file() else None
+
+    def is_finished(self) -> bool:
+        """metrics.json says "finished". A damaged metrics.json is not a finished run."""
+        try:
+            metrics = self.metrics()
+        except UserError:
+            return False
+        return bool(metrics) and metrics.get("status") == "finished"
+
+    def run_info(self) -> dict:
+        return read_json(self.run_info_file, "run info (is this a run's output directory?)")
+
+    def check_identity(self, **expected) -> None:
+        """A finished run of another dataset/experiment/preset must not pass for the one asked for."""
+        metrics = self.metrics() or {}
+        for key, want in expected.items():
+            have = metrics.get(key)
+            if have is not None and have != want:
+                raise UserError(f"{self.path} holds a finished run of {key} '{have}', not '{want}': use --force "
+                                "(force=True) to replace it, or choose another output directory (--outputs)")
+
+    def predictions_rows(self, split: str = "test") -> dict[str, dict]:
+        """A split's predictions by question id ({} when the run has none)."""
+        path = self.predictions(split)
+        if not path.is_file():
+            return {}
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {str(r["question_id"]): r for r in rows}
+
+    # ------------------------------------------------------------ changes
+
+    def clear(self) -> None:
+        """Remove everything a training run writes (force=True), keeping the executed notebooks and the lock."""
+        for d in (self.checkpoint, self.best, self.adapter):
+            remove_dir(d)
+        for f in (self.metrics_file, self.train_log, self.trained_tensors, self.run_info_file,
+                  *(self.predictions(s) for s in SPLITS_PREDICTED)):
+            f.unlink(missing_ok=True)
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.path)
 
 
-def _adapter_dir(output_dir: Path) -> Path | None:
-    for d in (output_dir / ADAPTER_DIR, output_dir / (ADAPTER_DIR + ".old")):
-        if (d / "adapter_config.json").is_file():
-            return d
-    return None
+def run_dirs(outputs_dir: str | os.PathLike) -> list[RunDir]:
+    """Every non-empty <outputs>/<dataset>/<experiment id>/ whose id is in the registry, sorted by path."""
+    from .experiments import registry
+
+    outputs_dir = Path(outputs_dir)
+    if not outputs_dir.is_dir():
+        return []
+    known = set(registry())
+    return [RunDir(p) for p in sorted(outputs_dir.glob("*/*"))
+            if p.is_dir() and p.name in known and any(p.iterdir())]
 
 
-def load_finetuned(output_dir, device: str | torch.device = "cpu"):
-    """(model, processor, run_info) of a finished run: the preset's base model (tiny presets rebuilt from
-    the recorded seed, real ones loaded from their source), the adapter and the trained tensors applied.
-    The model is in eval mode; run_info["settings"] is a Settings."""
-    from peft import PeftModel
+class RunLock:
+    """One run per output directory. flock is released by the kernel when the holder dies, so a lock
+    file left by a killed run never blocks; the PID inside only serves the error message."""
 
-    output_dir = Path(output_dir)
-    info = read_json(output_dir / RUN_INFO, "run info (is this a run's output directory?)")
-    metrics_path = output_dir / METRICS
-    if not metrics_path.is_file() or read_json(metrics_path).get("status") != "finished":
-        raise UserError(f"{output_dir}: the run has not finished (no finished {METRICS}); run it to the end first")
-    preset = load_preset(info["preset"])
-    exp = get_experiment(info["experiment"])
-    device = torch.device(device)
-    dtype = torch.float32 if device.type == "cpu" else default_dtype(device)
-    model, processor = load_model(preset, source=info.get("model_source"), dtype=dtype, device="cpu",
-                                  seed=info.get("model_seed", 0))
-    if exp.train and exp.has_lora:
-        adapter = _adapter_dir(output_dir)
-        if adapter is None:
-            raise UserError(f"{output_dir / ADAPTER_DIR}: missing adapter_config.json (incomplete run directory)")
-        with quiet_peft_deprecations():
-            model = PeftModel.from_pretrained(model, str(adapter))
-    tensors_path = output_dir / TRAINED_TENSORS
-    if exp.train:
-        tensors = ckpt.load_tensors(tensors_path)
-        params = dict(base_model(model).named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise UserError(f"{tensors_path}: tensors the model does not have: {unknown[:3]}")
-        with torch.no_grad():
-            for name, t in tensors.items():
-                # Trained tensors were fp32 in training (even on a bf16/fp16 base): keep them so.
-                params[name].data = t.to(torch.float32)
-    model = model.to(device).eval()
-    info = dict(info, settings=Settings(info["settings"]))
-    return model, processor, info
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / LOCK
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use output directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"output directory {self.path.parent} is in use by another run (pid {holder}); "
+                            "wait for it to finish or choose another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            # The file stays: unlinking it would let a third run lock a new inode while a second holds the old.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False

@@ -6,20 +6,14 @@ A checkpoint directory holds
 - `rng.safetensors`: the torch CPU and CUDA generator states;
 - `state.json`: everything else (epoch, position in the epoch, step, best-so-far, history, optimizer
   hyper-parameters, python/numpy RNG states, loss-scaler state).
-No pickle anywhere: tensors are safetensors, the rest JSON.
-
-Directories cannot be renamed over a non-empty directory, so `write_dir` writes `<name>.tmp/`, moves the
-old `<name>/` aside to `<name>.old/`, renames the new one into place and only then deletes the old one;
-`existing_dir` falls back to `<name>.old/` when a kill hit between the two renames.
+No pickle anywhere: tensors are safetensors, the rest JSON. A checkpoint is written as a whole directory
+(io.atomic_dir): a kill leaves the previous complete one.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,66 +21,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .io import atomic_path, write_json
+from .io import atomic_dir, atomic_path, complete_dir, write_json
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 STATE = "state.json"
-LOCK = "run.lock"
-
-
-# ---------------------------------------------------------------- atomic directories
-
-@contextlib.contextmanager
-def write_dir(path: str | os.PathLike):
-    """Yield a fresh temporary directory; on success it replaces `path` as a whole."""
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def existing_dir(path: str | os.PathLike) -> Path | None:
-    """`path` if it is complete, else the previous version a kill left in `<name>.old/`, else None."""
-    path = Path(path)
-    for candidate in (path, path.with_name(path.name + ".old")):
-        if (candidate / STATE).is_file():
-            return candidate
-    return None
-
-
-def remove_dir(path: str | os.PathLike) -> None:
-    path = Path(path)
-    for p in (path, path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """The checkpoint (or best/) directory at `path`, or the complete older copy a kill left beside it."""
+    return complete_dir(path, STATE)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -160,7 +105,7 @@ def save_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, s
     rng_tensors, rng_meta = rng_state()
     full_state = dict(state, optimizer=opt_meta, rng=rng_meta,
                       scaler=scaler.state_dict() if scaler is not None else None)
-    with write_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         save_tensors(tmp / TRAINABLE, trainable)
         save_tensors(tmp / OPTIMIZER, opt_tensors)
         save_tensors(tmp / RNG, rng_tensors)
@@ -198,40 +143,3 @@ def load_into(named_params: dict[str, torch.nn.Parameter], tensors: dict[str, to
     with torch.no_grad():
         for name, p in named_params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-
-
-# ---------------------------------------------------------------- run lock
-
-class RunLock:
-    """One run per output directory. flock is released by the kernel when the holder dies, so a lock
-    file left by a killed run never blocks; the PID inside only serves the error message."""
-
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK
-        self.fd: int | None = None
-
-    def __enter__(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"cannot use output directory {self.path.parent}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(f"output directory {self.path.parent} is in use by another run (pid {holder}); "
-                            "wait for it to finish or choose another output directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            # The file stays: unlinking it would let a third run lock a new inode while a second holds the old.
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-        return False

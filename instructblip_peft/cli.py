@@ -24,7 +24,7 @@ def cmd_params(args) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{row['experiment']:>20}  {row['llm']:9} {row['group']:26} {row['rank'] or '-':>4} "
+            print(f"{row['experiment']:>20}  {row['llm']:9} {row['label']:26} {row['rank'] or '-':>4} "
                   f"{row['trainable_params']:>13,} {row['lora_params']:>12,} {row['total_params']:>15,} "
                   f"{100 * row['trainable_share_of_full_qformer']:>21.2f}%", flush=True)
     return 0
@@ -37,8 +37,20 @@ def _overrides(pairs) -> dict:
 def cmd_preprocess(args) -> int:
     from . import runner
 
-    out = runner.preprocess(args.dataset, args.raw, args.processed, _overrides(args.param))
+    out = runner.execute_preprocess(args.dataset, args.raw, args.processed, _overrides(args.param))
+    if not args.raw:
+        from .data.download import default_source_line
+        print(f"{args.dataset}: {default_source_line(args.dataset)}")
     print(f"{args.dataset}: processed data in {out.parent} (executed notebook: {out})")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .data.download import download, raw_root
+
+    final = download(args.dataset, args.dest, args.url, progress=sys.stderr.isatty())
+    raw = "" if final.parent == raw_root() else f" --raw {final}"
+    print(f"{args.dataset}: data in {final}; next: instructblip-peft preprocess {args.dataset}{raw}")
     return 0
 
 
@@ -76,28 +88,32 @@ def cmd_analyze(args) -> int:
 
 
 def _print_results(analysis_dir) -> None:
-    table = analysis_dir / "results.md"
+    from .analysis import REPORT_FILES
+    from .artifacts import notebook_name
+
+    table = analysis_dir / REPORT_FILES["markdown"]
     if table.is_file():
         print(table.read_text(), end="")
-    print(f"results table: {table} (and results.csv); figures: "
+    print(f"results table: {table} (and {REPORT_FILES['csv']}); figures: "
           f"{', '.join(str(p) for p in sorted(analysis_dir.glob('*.png')))}; "
-          f"executed notebook: {analysis_dir / '04_analysis.ipynb'}")
+          f"executed notebook: {analysis_dir / notebook_name('analysis')}")
 
 
 def cmd_demo(args) -> int:
     import time
 
     from . import runner
-    from .config import load_yaml
+    from .config import load_yaml, outputs_root
+    from .data.sample import ensure_sample
 
     demo = load_yaml("runner.yaml")["demo"]
-    outputs = runner.outputs_root(args.outputs) / demo["outputs_subdir"]
+    outputs = outputs_root(args.outputs) / demo["outputs_subdir"]
     # The demo's processed sample lives with its runs, so it never replaces real processed data.
     processed = outputs / demo["processed_subdir"]
     start = time.monotonic()
     for dataset in demo["datasets"]:
         print(f"preprocess {dataset} (bundled sample) into {processed / dataset}", flush=True)
-        runner.preprocess(dataset, processed_dir=processed)
+        runner.execute_preprocess(dataset, ensure_sample() / dataset, processed_dir=processed)  # never a real download
     ids = ",".join(str(i) for i in demo["experiments"])
     failed = []
     for dataset in demo["datasets"]:
@@ -138,10 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")
         p.add_argument("--force", action="store_true", help="run again even if finished")
 
+    p = sub.add_parser("download", help="fetch scienceqa or iconqa from the official sources (params/download.yaml);"
+                                       " resumes an interrupted download")
+    p.add_argument("dataset", help="scienceqa or iconqa")
+    p.add_argument("--dest", default=None, help="put the data in DEST/<dataset>/ (default: raw_dir of "
+                                                "params/paths.yaml, where preprocess finds it without --raw)")
+    p.add_argument("--url", default=None, help="download from here instead (a mirror): for iconqa the archive's "
+                                               "URL; for scienceqa, made of several files, a folder URL holding "
+                                               "them under their names in params/download.yaml")
+    p.set_defaults(func=cmd_download)
+
     p = sub.add_parser("preprocess", help="raw data -> processed splits (notebook 01)")
     p.add_argument("dataset", help="scienceqa, iconqa or custom")
-    p.add_argument("--raw", default=None, help="raw data directory (default: the bundled sample, generated "
-                                               "if missing); for scienceqa also hub:derek-thomas/ScienceQA")
+    p.add_argument("--raw", default=None, help="raw data directory (default: the `download` in raw_dir of "
+                                               "params/paths.yaml if there is one, else the bundled sample); for "
+                                               "scienceqa also hub:derek-thomas/ScienceQA")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="keep_text_only or skip_invalid (params/data.yaml)")
     p.add_argument("--processed", default=None, help="processed data directory (default: params/paths.yaml)")

@@ -156,3 +156,28 @@ def path_setting(key: str) -> Path:
         raise UserError(f"paths.yaml: no key '{key}' (have: {', '.join(paths)})")
     p = Path(os.path.expanduser(str(paths[key])))
     return p if p.is_absolute() else work_dir() / p
+
+
+def outputs_root(outputs_dir: str | os.PathLike | None = None) -> Path:
+    """Where runs go: `outputs_dir` when given, else paths.yaml's."""
+    return Path(outputs_dir).expanduser().resolve() if outputs_dir else path_setting("outputs_dir")
+
+
+def processed_root(processed_dir: str | os.PathLike | None = None) -> Path:
+    """Where processed datasets go (one folder per dataset inside): `processed_dir` when given, else paths.yaml's."""
+    return Path(processed_dir).expanduser().resolve() if processed_dir else path_setting("processed_dir")
+
+
+def dataset_dir(dataset: str, processed_dir: str | os.PathLike | None = None) -> Path:
+    """One processed dataset: <processed>/<dataset>/."""
+    return processed_root(processed_dir) / dataset
+
+
+def run_dir(dataset: str, experiment: str, outputs_dir: str | os.PathLike | None = None) -> Path:
+    """One run: <outputs>/<dataset>/<experiment id>/ (artifacts.RunDir knows what is inside)."""
+    return outputs_root(outputs_dir) / dataset / str(experiment)
+
+
+def analysis_dir(outputs_dir: str | os.PathLike | None = None) -> Path:
+    """<outputs>/<analysis_subdir of runner.yaml>/: the results table and figures."""
+    return outputs_root(outputs_dir) / load_yaml("runner.yaml")["analysis_subdir"]

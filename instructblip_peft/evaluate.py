@@ -26,11 +26,11 @@ from transformers.modeling_outputs import BaseModelOutput
 from .data.batches import (IGNORE_INDEX, encode_prompts, encode_targets, load_image, make_transform, mask, pad,
                            pad_id)
 from .data.prompts import LETTERS, candidate_texts, render_prompt
+from .data.scienceqa import CATEGORIES as SCIENCEQA_CATEGORIES
+from .data.scienceqa import SUBJECT_CATEGORIES
 from .errors import UserError
 from .lora import base_model
 
-SCIENCEQA_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
-SCIENCEQA_ORDER = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 
 
 @dataclass
@@ -400,8 +400,8 @@ def breakdown(records: list[dict], correct_flags: list[bool], dataset: str) -> d
     for r, ok in zip(records, correct_flags):
         meta = r.get("meta") or {}
         if dataset == "scienceqa":
-            if meta.get("subject") in SCIENCEQA_SUBJECTS:
-                add(SCIENCEQA_SUBJECTS[meta["subject"]], ok)
+            if meta.get("subject") in SUBJECT_CATEGORIES:
+                add(SUBJECT_CATEGORIES[meta["subject"]], ok)
             if meta.get("has_hint"):
                 add("TXT", ok)
             if meta.get("has_image"):
@@ -418,6 +418,6 @@ def breakdown(records: list[dict], correct_flags: list[bool], dataset: str) -> d
                 add(f"skill:{skill}", ok)
             if meta.get("grade"):
                 add(f"grade:{meta['grade']}", ok)
-    fixed = [k for k in SCIENCEQA_ORDER if k in groups]
-    rest = sorted(k for k in groups if k not in SCIENCEQA_ORDER)
+    fixed = [k for k in SCIENCEQA_CATEGORIES if k in groups]
+    rest = sorted(k for k in groups if k not in SCIENCEQA_CATEGORIES)
     return {k: sum(groups[k]) / len(groups[k]) for k in fixed + rest}

@@ -1,10 +1,15 @@
-"""Writing files so that a kill, a full disk or a read-only directory never leaves a half-written one:
-write to a temporary name in the same directory, fsync, then rename over the target."""
+"""Writing files and directories so that a kill, a full disk or a read-only directory never leaves a
+half-written one: write to a temporary name in the same directory, fsync, then rename over the target.
+
+Directories cannot be renamed over a non-empty directory, so `atomic_dir` writes `<name>.tmp/`, moves the
+old `<name>/` aside to `<name>.old/`, renames the new one into place and only then deletes the old one;
+`complete_dir` falls back to `<name>.old/` when a kill hit between the two renames."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,3 +62,68 @@ def read_json(path, what: str = "file"):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a fresh temporary directory beside `path`; on success it replaces `path` as a whole (complete
+    old or complete new, never a mix); on error it is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp, old = _tmp_dir(path), _old_dir(path)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # the rename of the new one failed: put the old one back
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def complete_dir(path: str | os.PathLike, marker: str) -> Path | None:
+    """`path` if it holds `marker` (the file written last), else the previous version a kill left in
+    `<name>.old/`, else None."""
+    path = Path(path)
+    for candidate in (path, _old_dir(path)):
+        if (candidate / marker).is_file():
+            return candidate
+    return None
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Remove `path` and what an interrupted atomic_dir may have left beside it."""
+    path = Path(path)
+    for p in (path, _old_dir(path), _tmp_dir(path)):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _tmp_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _old_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

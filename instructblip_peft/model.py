@@ -219,3 +219,19 @@ def meta_model(preset: dict | str) -> InstructBlipForConditionalGeneration:
 
 def family_of(model) -> str:
     return "llama" if model.config.use_decoder_only_language_model else "t5"
+
+
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Recompute activations in the backward pass (less memory, ~30% more compute), or stop doing so.
+    transformers 5 names it activation checkpointing (the gradient_checkpointing_* names are deprecated);
+    older versions know only the old names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()

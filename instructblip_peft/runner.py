@@ -1,7 +1,8 @@
 """Executing the notebooks with papermill: the executed notebook is the record of a step.
 
-preprocess -> 01 into <processed>/<dataset>/; run -> 02 and 03 into <outputs>/<dataset>/<id>/;
-sweep -> many runs; analyze -> 04 into <outputs>/analysis/. Everything is validated before a notebook starts.
+execute_preprocess -> 01 into <processed>/<dataset>/; execute_run -> 02 and 03 into <outputs>/<dataset>/<id>/;
+sweep -> many runs; analyze -> 04 into <outputs>/analysis/. Everything is validated before a notebook starts,
+and the settings overrides travel into the notebooks as one `overrides` dict.
 """
 from __future__ import annotations
 
@@ -12,61 +13,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import REPO_DIR, load_yaml, path_setting, validate_overrides
+from .artifacts import RunDir
+from .config import (REPO_DIR, analysis_dir, load_yaml, outputs_root, processed_root, resolve_settings, run_dir,
+                     validate_overrides)
+from .data.records import DATASETS, MANIFEST
 from .errors import UserError
+from .data.preprocess import HUB_PREFIX
 from .experiments import get_experiment, parse_ids
 
 NOTEBOOK_DIR = REPO_DIR / "notebooks"
-# Settings that are also notebook parameters of their own (small defaults so notebooks run in seconds);
-# the runner always passes them, 0 meaning "no limit", so a CLI run is never cut short by a default.
-LIMIT_PARAMETERS = ("max_steps", "max_eval_samples")
 
 
 def runner_settings() -> dict:
     return load_yaml("runner.yaml")
 
 
-def dataset_names() -> list[str]:
-    return [k for k in load_yaml("data.yaml")["templates"] if k != "target"]
-
-
 def check_dataset(dataset: str) -> str:
-    if dataset not in dataset_names():
-        raise UserError(f"unknown dataset '{dataset}'. Valid datasets: {', '.join(dataset_names())}")
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}'. Valid datasets: {', '.join(DATASETS)}")
     return dataset
-
-
-def outputs_root(outputs_dir: str | Path | None = None) -> Path:
-    return Path(outputs_dir).expanduser().resolve() if outputs_dir else path_setting("outputs_dir")
-
-
-def processed_root(processed_dir: str | Path | None = None) -> Path:
-    return Path(processed_dir).expanduser().resolve() if processed_dir else path_setting("processed_dir")
-
-
-def run_dir(dataset: str, experiment: str, outputs_dir: str | Path | None = None) -> Path:
-    return outputs_root(outputs_dir) / dataset / str(experiment)
-
-
-def analysis_dir(outputs_dir: str | Path | None = None) -> Path:
-    return outputs_root(outputs_dir) / runner_settings()["analysis_subdir"]
-
-
-def engine_overrides(max_steps=0, max_eval_samples=0, overrides: dict | None = None) -> dict:
-    """The settings overrides a notebook passes to the engine: its limit parameters (0/None: no limit)
-    plus any other overrides, all validated against params/."""
-    limits = {"max_steps": max_steps or None, "max_eval_samples": max_eval_samples or None}
-    merged = {**{k: v for k, v in limits.items() if v}, **(overrides or {})}
-    return validate_overrides(merged)
-
-
-def notebook_parameters(overrides: dict) -> dict:
-    """Split validated overrides into papermill parameters: the limit parameters travel on their own
-    (0 when unset), the rest in the `overrides` dict."""
-    rest = dict(overrides)
-    params = {k: rest.pop(k, None) or 0 for k in LIMIT_PARAMETERS}
-    params["overrides"] = rest
-    return params
 
 
 # ---------------------------------------------------------------- executing one notebook
@@ -138,26 +103,11 @@ def _cell_number(output: Path, exec_count) -> int | None:
 
 # ---------------------------------------------------------------- steps
 
-HUB_PREFIX = "hub:"
 PREPROCESS_SETTINGS = ("keep_text_only", "skip_invalid")
 
 
-def raw_source(dataset: str, raw_dir: str | None):
-    """What to preprocess: a directory, the bundled sample (generated if missing) when raw_dir is empty,
-    or for ScienceQA `hub:<name>` (e.g. hub:derek-thomas/ScienceQA), loaded with datasets.load_dataset."""
-    from .data.sample import ensure_sample
-
-    if not raw_dir:
-        return ensure_sample() / dataset
-    if str(raw_dir).startswith(HUB_PREFIX):
-        from datasets import load_dataset
-
-        return load_dataset(str(raw_dir)[len(HUB_PREFIX):])
-    return Path(raw_dir)
-
-
-def preprocess(dataset: str, raw_dir: str | Path | None = None, processed_dir: str | Path | None = None,
-               overrides: dict | None = None, progress: bool = True) -> Path:
+def execute_preprocess(dataset: str, raw_dir: str | Path | None = None, processed_dir: str | Path | None = None,
+                       overrides: dict | None = None, progress: bool = True) -> Path:
     """01_preprocess into <processed>/<dataset>/01_preprocess.ipynb; raw None: the bundled sample."""
     check_dataset(dataset)
     raw = str(raw_dir or "")
@@ -181,16 +131,6 @@ def preprocess(dataset: str, raw_dir: str | Path | None = None, processed_dir: s
                                        "processed_dir": str(processed_root(processed_dir)), **settings}, progress)
 
 
-def is_finished(path: Path) -> bool:
-    metrics = path / "metrics.json"
-    if not metrics.is_file():
-        return False
-    try:
-        return json.loads(metrics.read_text()).get("status") == "finished"
-    except json.JSONDecodeError:
-        return False
-
-
 @dataclass
 class RunPlan:
     dataset: str
@@ -204,55 +144,53 @@ class RunPlan:
     def directory(self) -> Path:
         return run_dir(self.dataset, self.experiment, self.outputs_dir)
 
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.directory)
+
 
 def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrides: dict | None = None,
              outputs_dir=None, processed_dir=None) -> RunPlan:
     """Check everything a run needs before any notebook starts (unknown dataset/ID/preset/setting,
-    missing processed data) and return what to execute."""
+    missing processed data) and return what to execute. The overrides are validated here, as train()
+    resolves them, and travel on typed."""
     from .model import preset_for
 
     check_dataset(dataset)
     exp = get_experiment(experiment)
-    preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
+    preset_dict = preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
     overrides = validate_overrides(overrides)
+    resolve_settings(dataset, exp, preset_dict, overrides)  # what train() will see: fails here, not in a kernel
     processed = processed_root(processed_dir)
-    if not (processed / dataset / "manifest.json").is_file():
+    if not (processed / dataset / MANIFEST).is_file():
         raise UserError(f"no processed {dataset} data in {processed / dataset}: run "
                         f"`instructblip-peft preprocess {dataset}` first")
-    return RunPlan(dataset, exp.id, preset or "auto", overrides,
-                   outputs_root(outputs_dir), processed)
+    return RunPlan(dataset, exp.id, preset or "auto", overrides, outputs_root(outputs_dir), processed)
 
 
 def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> str:
-    """02_train then 03_evaluate into the run directory. Returns "finished" or "skipped" (already
+    """02_train then 03_results into the run directory. Returns "finished" or "skipped" (already
     finished: nothing is executed). An unfinished run resumes from its checkpoint (train() does that)."""
-    names = runner_settings()["notebooks"]
-    directory = plan.directory
-    if not force and is_finished(directory):
-        _check_same_preset(plan)
-        if all((directory / names[k]).is_file() for k in ("train", "evaluate")):
+    from .model import preset_for
+
+    run = plan.run
+    if not force and run.is_finished():
+        run.check_identity(preset=preset_for(get_experiment(plan.experiment), plan.preset)["name"])
+        if all(run.notebook(k).is_file() for k in ("train", "results")):
             return "skipped"
     where = {"dataset": plan.dataset, "experiment": plan.experiment, "outputs_dir": str(plan.outputs_dir),
              "processed_dir": str(plan.processed_dir)}
     rank = process_rank()
     # Under a multi-process launch every rank runs the training notebook; only rank 0's copy is the record.
-    train_record = directory / names["train"] if rank == 0 else directory / f".rank{rank}" / names["train"]
+    train_record = run.notebook("train")
+    if rank != 0:
+        train_record = run.path / f".rank{rank}" / train_record.name
+    # `overrides` replaces the notebook's default dict whole (its small interactive limits included).
     execute("train", train_record, {**where, "preset": plan.preset, "force": bool(force),
-                                    **notebook_parameters(plan.overrides)}, progress)
+                                    "overrides": dict(plan.overrides)}, progress)
     if rank == 0:
-        execute("evaluate", directory / names["evaluate"], where, progress)
+        execute("results", run.notebook("results"), where, progress)
     return "finished"
-
-
-def _check_same_preset(plan: RunPlan) -> None:
-    """A finished run of another preset (e.g. a tiny test run) must not pass for the one asked for."""
-    from .model import preset_for
-
-    wanted = preset_for(get_experiment(plan.experiment), plan.preset)["name"]
-    have = json.loads((plan.directory / "metrics.json").read_text()).get("preset")
-    if have and have != wanted:
-        raise UserError(f"{plan.directory} holds a finished run of preset '{have}', not '{wanted}': use --force "
-                        f"to replace it, or --outputs to run elsewhere")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -308,13 +246,12 @@ def sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overr
 
 def analyze(outputs_dir=None, progress: bool = True) -> Path:
     """04_analysis over every run under outputs_dir; returns the analysis directory."""
-    from .analysis import collect_runs
+    from .artifacts import run_dirs
 
     root = outputs_root(outputs_dir)
-    if collect_runs(root).empty:
+    if not run_dirs(root):
         raise UserError(f"no runs to analyze in {root} (expected <dataset>/<experiment id>/ directories): run "
                         "`instructblip-peft run` or `sweep` first, or pass --outputs")
     out = analysis_dir(outputs_dir)
-    execute("analysis", out / runner_settings()["notebooks"]["analysis"],
-            {"outputs_dir": str(outputs_root(outputs_dir))}, progress)
+    execute("analysis", out / runner_settings()["notebooks"]["analysis"], {"outputs_dir": str(root)}, progress)
     return out

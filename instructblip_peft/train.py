@@ -11,12 +11,14 @@ is a permutation seeded by (seed, epoch), consumed batches are skipped, and the 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import random
 import resource
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +28,20 @@ from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .artifacts import (BEST_DIR, CHECKPOINT_DIR, METRICS, RUN_INFO, TRAIN_LOG, predictions_file,
-                        write_finetuned)
+from . import evaluate as evaluation  # called as evaluation.evaluate: tests plant faults in it
 from .accounting import count_parameters, full_qformer_size
-from .config import path_setting, resolve_settings
+from .artifacts import RunDir
+from .config import dataset_dir as default_dataset_dir
+from .config import resolve_settings
+from .data.batches import QADataset, TrainCollator, epoch_batches, make_transform
+from .data.prompts import render_prompt
+from .data.records import load_split
 from .errors import UserError
 from .experiments import get_experiment
-from .io import atomic_path, read_json, write_json, write_jsonl, write_text
+from .finetuned import write_finetuned
+from .io import atomic_dir, atomic_path, read_json, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
-from .model import default_dtype, family_of, load_model, preset_for
+from .model import default_dtype, family_of, load_model, preset_for, set_gradient_checkpointing
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
@@ -76,17 +83,7 @@ def mixed_precision_mode(setting: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def default_processed_dir(dataset: str) -> Path:
-    return path_setting("processed_dir") / dataset
-
-
 # ---------------------------------------------------------------- small helpers
-
-def _evaluation():
-    # Imported on use: evaluation pulls in nothing training needs, and tests may substitute it.
-    from . import evaluate
-    return evaluate
-
 
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -94,11 +91,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _load_records(processed_dir: Path, split: str, limit: int | None):
-    from .data.records import load_split
-    records, image_root = load_split(processed_dir, split)
+def _load_records(dataset_dir: Path, split: str, limit: int | None = None):
+    records, image_root = load_split(dataset_dir, split)
     if not records:
-        raise UserError(f"{processed_dir / (split + '.json')}: the {split} split is empty")
+        raise UserError(f"{dataset_dir / (split + '.json')}: the {split} split is empty")
     return (records[:limit] if limit else records), image_root
 
 
@@ -117,12 +113,12 @@ def _trim_log(path: Path, last_step: int) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
-def _check_resumable(output_dir: Path, run_info: dict) -> None:
+def _check_resumable(run: RunDir, run_info: dict) -> None:
     """A checkpoint written with other settings must not be continued silently."""
-    path = output_dir / RUN_INFO
-    if not path.is_file():
+    output_dir = run.path
+    if not run.run_info_file.is_file():
         return
-    old = read_json(path, "run info")
+    old = run.run_info()
     for key in ("dataset", "experiment", "preset"):
         if old.get(key) != run_info[key]:
             raise UserError(f"{output_dir} holds a run of {key} '{old.get(key)}', not '{run_info[key]}': "
@@ -135,28 +131,49 @@ def _check_resumable(output_dir: Path, run_info: dict) -> None:
                         "the same settings, choose another output directory, or pass force=True to start over")
 
 
-def _clear_run(output_dir: Path) -> None:
-    for name in (CHECKPOINT_DIR, BEST_DIR, "adapter"):
-        ckpt.remove_dir(output_dir / name)
-    for name in (METRICS, TRAIN_LOG, "trained_tensors.safetensors", predictions_file("val"),
-                 predictions_file("test"), RUN_INFO):
-        (output_dir / name).unlink(missing_ok=True)
+@dataclass
+class TrainState:
+    """Where training stands: saved in every checkpoint (as JSON), restored on resume."""
+    epoch: int = 0                       # epochs completed
+    iterations_in_epoch: int = 0         # batches of the current epoch consumed (on each process)
+    global_step: int = 0                 # optimizer steps
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0
+    stopped: str | None = None           # None, "max_steps" or "early_stopping"
+    history: list = field(default_factory=list)   # one row per epoch: val accuracy, train loss, steps
+    epoch_loss_sum: float = 0.0          # the current epoch's loss so far (as of the last checkpoint)
+    epoch_loss_count: int = 0
+    window_loss_sum: float = 0.0         # the current log window's loss so far
+    window_count: int = 0
+    train_time_s: float = 0.0            # seconds spent in training steps (for samples/s)
+    train_samples: int = 0
+    wall_time_s: float = 0.0             # wall time of all sessions up to the last checkpoint
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
 
 # ---------------------------------------------------------------- the public entry point
 
-def train(dataset: str, experiment, output_dir, processed_dir=None, preset: str | None = None,
+def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | None = None,
           force: bool = False, progress: bool = True, **overrides) -> dict:
     """Train (or, for zero-shot baselines, only evaluate) one experiment; return metrics.json's content.
 
+    `dataset_dir` is the processed dataset (<processed>/<dataset>/; default from params/paths.yaml).
     Re-running on the same output_dir resumes from its checkpoint; a finished run is returned as is
     unless force=True, which starts over.
     """
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)
     settings = resolve_settings(dataset, exp, preset_dict, overrides)
-    processed_dir = Path(processed_dir) if processed_dir is not None else default_processed_dir(dataset)
-    output_dir = Path(output_dir)
+    dataset_dir = Path(dataset_dir) if dataset_dir is not None else default_dataset_dir(dataset)
+    run = RunDir(output_dir)
 
     # A fresh AcceleratorState lets one process (a notebook) run several trainings with different
     # precision settings; the PartialState (process group of `accelerate launch`) is kept.
@@ -164,39 +181,31 @@ def train(dataset: str, experiment, output_dir, processed_dir=None, preset: str 
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(settings.mixed_precision),
                               gradient_accumulation_steps=settings.grad_accum_steps or 1,
                               cpu=not torch.cuda.is_available())
-    lock = ckpt.RunLock(output_dir) if accelerator.is_main_process else None
-    if lock is not None:
-        lock.__enter__()
-    try:
-        metrics_path = output_dir / METRICS
+    with run.lock() if accelerator.is_main_process else contextlib.nullcontext():
         if force and accelerator.is_main_process:
-            _clear_run(output_dir)
-        elif metrics_path.is_file():
-            metrics = read_json(metrics_path, "metrics")
-            if metrics.get("status") == "finished":
-                for key, want in (("dataset", dataset), ("experiment", exp.id), ("preset", preset_dict["name"])):
-                    if metrics.get(key) != want:
-                        raise UserError(f"{output_dir} holds a finished run of {key} '{metrics.get(key)}', not "
-                                        f"'{want}': choose another output directory or pass force=True")
-                if progress and accelerator.is_main_process:
-                    print(f"{output_dir}: already finished (val {metrics['val_accuracy']:.4f}, test "
-                          f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
-                return metrics
+            run.clear()
+        elif run.is_finished():
+            run.check_identity(dataset=dataset, experiment=exp.id, preset=preset_dict["name"])
+            metrics = run.metrics()
+            if progress and accelerator.is_main_process:
+                print(f"{run.path}: already finished (val {metrics['val_accuracy']:.4f}, test "
+                      f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
+            return metrics
         accelerator.wait_for_everyone()
-        return _Run(dataset, exp, preset_dict, settings, processed_dir, output_dir, accelerator, progress).run()
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
+        return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress).run()
 
 
 class _Run:
-    def __init__(self, dataset, exp, preset, settings, processed_dir, output_dir, accelerator, progress):
+    """One training run, as named steps: setup (data, model) -> fit (epochs, checkpoints) -> finish (test)."""
+
+    def __init__(self, dataset, exp, preset, settings, dataset_dir: Path, run: RunDir, accelerator, progress):
         self.dataset, self.exp, self.preset, self.settings = dataset, exp, preset, settings
-        self.processed_dir, self.output_dir, self.acc = processed_dir, output_dir, accelerator
+        self.dataset_dir, self.run_dir, self.acc = dataset_dir, run, accelerator
         self.progress = progress and accelerator.is_local_main_process
         self.device = accelerator.device
         self.start_time = time.time()
         self.wall_offset = 0.0  # time spent by earlier, interrupted sessions of this run
+        self.state: TrainState | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -206,12 +215,11 @@ class _Run:
                 "llm": self.exp.llm, "family": self.exp.family,
                 # Tiny presets are random models: this seed rebuilds the same base weights.
                 "model_seed": s.seed, "model_source": self.preset.get("source"),
-                "processed_dir": str(self.processed_dir), "settings": dict(s)}
+                "processed_dir": str(self.dataset_dir), "settings": dict(s)}
 
     def build_model(self):
         dtype = torch.float32 if self.device.type == "cpu" else default_dtype(self.device)
-        info = self.run_info()
-        model, processor = load_model(self.preset, dtype=dtype, device="cpu", seed=info["model_seed"])
+        model, processor = load_model(self.preset, dtype=dtype, device="cpu", seed=self.settings.seed)
         # LoRA's initial A matrices are drawn from the global torch RNG (seeded randomly at start-up):
         # seeding it makes the starting point, and so the whole run, a function of the seed.
         torch.manual_seed(self.settings.seed)
@@ -220,132 +228,119 @@ class _Run:
         for p in trainable_parameters(model).values():
             p.data = p.data.float()
         if self.settings.gradient_checkpointing:
-            base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_gradient_checkpointing(base_model(model), True)
         return model, processor
 
     def load_data(self):
-        s = self.settings
-        self.val, self.image_root_val = _load_records(self.processed_dir, "val", s.max_eval_samples)
-        self.test, self.image_root_test = _load_records(self.processed_dir, "test", s.max_eval_samples)
+        # Whole splits: evaluation.evaluate applies max_eval_samples (the one place that trims them).
+        self.val, self.image_root_val = _load_records(self.dataset_dir, "val")
+        self.test, self.image_root_test = _load_records(self.dataset_dir, "test")
 
     def evaluate(self, model, split: str):
-        ev = _evaluation()
         records, root = (self.val, self.image_root_val) if split == "val" else (self.test, self.image_root_test)
         was_training = model.training
         model.eval()
-        t0 = time.time()
         with self.acc.autocast():
-            result = ev.evaluate(model, self.processor, records, root, self.dataset, self.settings, self.family,
-                                 vision_cache=self.vision_cache, progress=self.progress)
-        self.eval_seconds[split] = time.time() - t0
+            result = evaluation.evaluate(model, self.processor, records, root, self.dataset, self.settings,
+                                         self.family, vision_cache=self.vision_cache, progress=self.progress)
         model.train(was_training)
         return result
 
     # ------------------------------------------------------------ main
 
     def run(self) -> dict:
-        out, acc = self.output_dir, self.acc
+        run, acc = self.run_dir, self.acc
         self.load_data()
         model, self.processor = self.build_model()
         self.family = family_of(base_model(model))
         # One cache for the run: val and test images are encoded once, reused by every evaluation.
-        self.vision_cache = _evaluation().vision_cache_for(self.settings)
-        self.eval_seconds: dict = {}
+        self.vision_cache = evaluation.vision_cache_for(self.settings)
         info = self.run_info()
-        state = None
         if self.exp.train:
             if acc.is_main_process:
-                existing = ckpt.existing_dir(out / CHECKPOINT_DIR)
-                if existing is not None:
-                    _check_resumable(out, info)
-                write_json(out / RUN_INFO, info)
+                if ckpt.existing_dir(run.checkpoint) is not None:
+                    _check_resumable(run, info)
+                write_json(run.run_info_file, info)
             acc.wait_for_everyone()
-            state = self.fit(model)
+            self.fit(model)
         elif acc.is_main_process:
-            write_json(out / RUN_INFO, info)
-        return self.finish(model, state)
+            write_json(run.run_info_file, info)
+        return self.finish(model)
 
-    def fit(self, model) -> dict:
-        s, out, acc = self.settings, self.output_dir, self.acc
-        from .data.batches import QADataset, TrainCollator, epoch_batches, make_transform
-        train_records, image_root = _load_records(self.processed_dir, "train", s.max_train_samples)
+    def fit(self, model) -> None:
+        s, run, acc = self.settings, self.run_dir, self.acc
+        train_records, image_root = _load_records(self.dataset_dir, "train", s.max_train_samples)
         train_set = QADataset(train_records, image_root, self.dataset, make_transform(self.processor, s, train=True),
                               seed=s.seed)
         collator = TrainCollator(self.processor, self.family, s.max_txt_len, s.max_output_txt_len)
-        lengths = None
-        if s.group_by_length:
-            from .data.prompts import render_prompt
-            lengths = [len(render_prompt(r, self.dataset)) for r in train_records]
+        lengths = [len(render_prompt(r, self.dataset)) for r in train_records] if s.group_by_length else None
 
         optimizer = make_optimizer(model, s, lr_for_epoch(s.learning_rate, 0, s.epochs), self.device)
         model, optimizer = acc.prepare(model, optimizer)
-        trainable = trainable_parameters(acc.unwrap_model(model))
+        self.trainable = trainable_parameters(acc.unwrap_model(model))
+        self.optimizer = optimizer
 
         # Dropout in the Q-Former (and the LLM) draws from torch's RNG: seeded here, restored on resume.
         torch.manual_seed(s.seed)
         random.seed(s.seed)
         np.random.seed(s.seed)
-        state = {"epoch": 0, "iterations_in_epoch": 0, "global_step": 0, "best_val_accuracy": None,
-                 "best_epoch": None, "epochs_without_improvement": 0, "stopped": None, "history": [],
-                 "epoch_loss_sum": 0.0, "epoch_loss_count": 0, "window_loss_sum": 0.0, "window_count": 0,
-                 "train_time_s": 0.0, "train_samples": 0, "wall_time_s": 0.0}
-        log_path = out / TRAIN_LOG
-        existing = ckpt.existing_dir(out / CHECKPOINT_DIR)
+        self.state = state = TrainState()
+        existing = ckpt.existing_dir(run.checkpoint)
         if existing is not None:
             loaded = ckpt.load_checkpoint(existing)
-            ckpt.load_into(trainable, loaded["trainable"], existing / ckpt.TRAINABLE)
+            ckpt.load_into(self.trainable, loaded["trainable"], existing / ckpt.TRAINABLE)
             optimizer.load_state_dict(loaded["optimizer"])
             if loaded["scaler"] is not None and acc.scaler is not None:
                 acc.scaler.load_state_dict(loaded["scaler"])
             ckpt.set_rng_state(*loaded["rng"])
-            state.update(loaded["state"])
+            self.state = state = TrainState.from_dict(loaded["state"])
             if self.progress:
-                print(f"resuming {out} from epoch {state['epoch'] + 1}, step {state['global_step']}")
+                print(f"resuming {run.path} from epoch {state.epoch + 1}, step {state.global_step}")
         elif acc.is_main_process:
-            (out / TRAIN_LOG).unlink(missing_ok=True)
+            run.train_log.unlink(missing_ok=True)
         if acc.is_main_process:
-            _trim_log(log_path, state["global_step"])
-        self.wall_offset = state["wall_time_s"]
+            _trim_log(run.train_log, state.global_step)
+        self.wall_offset = state.wall_time_s
 
-        def save(path: Path, extra_state: dict | None = None):
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                state["wall_time_s"] = self.wall_offset + time.time() - self.start_time
-                ckpt.save_checkpoint(path, trainable, optimizer, dict(state, **(extra_state or {})), acc.scaler)
-            acc.wait_for_everyone()
-
-        log_file = open(log_path, "a", newline="") if acc.is_main_process else None
+        log_file = open(run.train_log, "a", newline="") if acc.is_main_process else None
         try:
-            self._epochs(model, optimizer, train_set, collator, lengths, epoch_batches, state, save, log_file)
+            self._epochs(model, optimizer, train_set, collator, lengths, log_file)
         finally:
             if log_file is not None:
                 log_file.close()
-        return state
 
-    def _epochs(self, model, optimizer, train_set, collator, lengths, epoch_batches, state, save, log_file):
-        s, out, acc = self.settings, self.output_dir, self.acc
+    def save_checkpoint(self, path: Path) -> None:
+        """Every process reaches this point; the main one writes the checkpoint (atomically)."""
+        acc = self.acc
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.state.wall_time_s = self.wall_offset + time.time() - self.start_time
+            ckpt.save_checkpoint(path, self.trainable, self.optimizer, self.state.to_dict(), acc.scaler)
+        acc.wait_for_everyone()
+
+    def _epochs(self, model, optimizer, train_set, collator, lengths, log_file):
+        s, run, acc, state = self.settings, self.run_dir, self.acc, self.state
         writer = csv.writer(log_file) if log_file is not None else None
         world = acc.num_processes
-        total_steps_hint = s.max_steps
-        bar = tqdm(total=total_steps_hint, initial=state["global_step"], desc="train", unit="step",
+        bar = tqdm(total=s.max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        while state["stopped"] is None and state["epoch"] < s.epochs:
-            epoch = state["epoch"]
+        while state.stopped is None and state.epoch < s.epochs:
+            epoch = state.epoch
             lr = lr_for_epoch(s.learning_rate, epoch, s.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             train_set.set_epoch(epoch)
             batches = epoch_batches(len(train_set), s.batch_size, s.seed, epoch, lengths, s.group_by_length)
-            remaining = batches[state["iterations_in_epoch"] * world:]
-            loss_sum = torch.tensor(state["epoch_loss_sum"], device=self.device)
-            window_sum = torch.tensor(state["window_loss_sum"], device=self.device)
+            remaining = batches[state.iterations_in_epoch * world:]
+            loss_sum = torch.tensor(state.epoch_loss_sum, device=self.device)
+            window_sum = torch.tensor(state.window_loss_sum, device=self.device)
             steps_per_epoch = math.ceil(math.ceil(len(batches) / world) / (s.grad_accum_steps or 1))
             if bar.total is None:
                 bar.total = steps_per_epoch * s.epochs
             bar.set_description(f"epoch {epoch + 1}/{s.epochs}")
             model.train()
-            reached_max = bool(s.max_steps and state["global_step"] >= s.max_steps)
+            reached_max = bool(s.max_steps and state.global_step >= s.max_steps)
             if remaining and not reached_max:
                 # Its own generator: building the loader's iterator must not draw from the global torch RNG,
                 # or a resumed run's dropout masks would shift by one draw.
@@ -365,100 +360,100 @@ class _Run:
                     nonfinite |= ~torch.isfinite(detached)
                     loss_sum += detached
                     window_sum += detached
-                    state["epoch_loss_count"] += 1
-                    state["window_count"] += 1
-                    state["iterations_in_epoch"] += 1
-                    state["train_samples"] += len(batch["input_ids"]) * world
+                    state.epoch_loss_count += 1
+                    state.window_count += 1
+                    state.iterations_in_epoch += 1
+                    state.train_samples += len(batch["input_ids"]) * world
                     if not acc.sync_gradients:
                         continue
-                    state["global_step"] += 1
+                    state.global_step += 1
                     bar.update(1)
-                    step = state["global_step"]
+                    step = state.global_step
                     at_log = step % s.log_every_steps == 0
                     at_ckpt = step % s.checkpoint_every_steps == 0
                     reached_max = bool(s.max_steps and step >= s.max_steps)
                     if at_log or at_ckpt or reached_max:
-                        self._check_finite(nonfinite, state, lr)
+                        self._check_finite(nonfinite, lr)
                     if at_log:
-                        mean = (window_sum / state["window_count"]).item()
+                        mean = (window_sum / state.window_count).item()
                         if writer is not None:
                             try:
                                 writer.writerow([step, epoch + 1, f"{mean:.6g}", repr(lr)])
                                 log_file.flush()
                             except OSError as e:  # a full disk: the log is trimmed to the checkpoint on resume
-                                raise UserError(f"cannot write {out / TRAIN_LOG}: {e.strerror or e}") from None
+                                raise UserError(f"cannot write {run.train_log}: {e.strerror or e}") from None
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                         window_sum.zero_()
-                        state["window_count"] = 0
+                        state.window_count = 0
                     if at_ckpt:
-                        state["train_time_s"] += time.time() - t0
+                        state.train_time_s += time.time() - t0
                         t0 = time.time()
-                        state["epoch_loss_sum"] = loss_sum.item()
-                        state["window_loss_sum"] = window_sum.item()
-                        save(self.output_dir / CHECKPOINT_DIR)
+                        state.epoch_loss_sum = loss_sum.item()
+                        state.window_loss_sum = window_sum.item()
+                        self.save_checkpoint(run.checkpoint)
                     if reached_max:
                         break
-                state["train_time_s"] += time.time() - t0
-            self._check_finite(nonfinite, state, lr)
+                state.train_time_s += time.time() - t0
+            self._check_finite(nonfinite, lr)
             if reached_max:
-                state["stopped"] = "max_steps"
-            state["window_loss_sum"] = window_sum.item()  # a log window may span the epoch's end
-            self._end_epoch(model, state, loss_sum, save)
+                state.stopped = "max_steps"
+            state.window_loss_sum = window_sum.item()  # a log window may span the epoch's end
+            self._end_epoch(model, loss_sum)
         bar.close()
 
-    def _check_finite(self, nonfinite, state, lr):
+    def _check_finite(self, nonfinite, lr):
         if nonfinite.item():
+            state = self.state
             raise NonFiniteLossError(
-                f"training stopped: the loss became NaN/inf (by step {state['global_step']}, epoch "
-                f"{state['epoch'] + 1}, learning rate {lr:.3g}). The last good checkpoint in "
-                f"{self.output_dir / CHECKPOINT_DIR} is kept; lower learning_rate (or use mixed_precision bf16/no) "
+                f"training stopped: the loss became NaN/inf (by step {state.global_step}, epoch "
+                f"{state.epoch + 1}, learning rate {lr:.3g}). The last good checkpoint in "
+                f"{self.run_dir.checkpoint} is kept; lower learning_rate (or use mixed_precision bf16/no) "
                 "and re-run with force=True")
 
-    def _end_epoch(self, model, state, loss_sum, save):
-        s, out, acc = self.settings, self.output_dir, self.acc
-        epoch = state["epoch"]
+    def _end_epoch(self, model, loss_sum):
+        s, run, acc, state = self.settings, self.run_dir, self.acc, self.state
+        epoch = state.epoch
         result = self.evaluate(acc.unwrap_model(model), "val")
-        count = state["epoch_loss_count"]
-        state["history"].append({"epoch": epoch + 1, "val_accuracy": result.accuracy,
-                                 "train_loss": (loss_sum / count).item() if count else None,
-                                 "steps": state["global_step"]})
-        best = state["best_val_accuracy"]
-        if best is None or result.accuracy > best:
-            state["best_val_accuracy"], state["best_epoch"] = result.accuracy, epoch + 1
-            state["epochs_without_improvement"] = 0
+        count = state.epoch_loss_count
+        state.history.append({"epoch": epoch + 1, "val_accuracy": result.accuracy,
+                              "train_loss": (loss_sum / count).item() if count else None,
+                              "steps": state.global_step})
+        if state.best_val_accuracy is None or result.accuracy > state.best_val_accuracy:
+            state.best_val_accuracy, state.best_epoch = result.accuracy, epoch + 1
+            state.epochs_without_improvement = 0
             if acc.is_main_process:
                 trainable = trainable_parameters(acc.unwrap_model(model))
-                with ckpt.write_dir(out / BEST_DIR) as tmp:
+                with atomic_dir(run.best) as tmp:
                     ckpt.save_tensors(tmp / ckpt.TRAINABLE, trainable)
-                    write_jsonl(tmp / predictions_file("val"), result.predictions)
+                    write_jsonl(tmp / RunDir.predictions_name("val"), result.predictions)
                     write_json(tmp / ckpt.STATE, {"epoch": epoch + 1, "val_accuracy": result.accuracy,
                                                   "val_breakdown": result.breakdown})
         else:
-            state["epochs_without_improvement"] += 1
-            if state["epochs_without_improvement"] >= s.early_stopping_patience and state["stopped"] is None:
-                state["stopped"] = "early_stopping"
+            state.epochs_without_improvement += 1
+            if state.epochs_without_improvement >= s.early_stopping_patience and state.stopped is None:
+                state.stopped = "early_stopping"
         if self.progress:
-            print(f"epoch {epoch + 1}: val accuracy {result.accuracy:.4f} (best {state['best_val_accuracy']:.4f} "
-                  f"at epoch {state['best_epoch']})")
-        state.update(epoch=epoch + 1, iterations_in_epoch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
-        save(out / CHECKPOINT_DIR)
+            print(f"epoch {epoch + 1}: val accuracy {result.accuracy:.4f} (best {state.best_val_accuracy:.4f} "
+                  f"at epoch {state.best_epoch})")
+        state.epoch, state.iterations_in_epoch = epoch + 1, 0
+        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+        self.save_checkpoint(run.checkpoint)
 
     # ------------------------------------------------------------ the end: test on the best weights
 
-    def finish(self, model, state) -> dict:
-        s, out, acc = self.settings, self.output_dir, self.acc
+    def finish(self, model) -> dict:
+        s, run, acc, state = self.settings, self.run_dir, self.acc, self.state
         model = acc.unwrap_model(model)
-        val_breakdown = None
         if state is not None:
-            best = ckpt.existing_dir(out / BEST_DIR)
+            best = ckpt.existing_dir(run.best)
             if best is None:
-                raise UserError(f"{out / BEST_DIR}: missing; the run cannot be finished (pass force=True)")
+                raise UserError(f"{run.best}: missing; the run cannot be finished (pass force=True)")
             best_info = read_json(best / ckpt.STATE, "best checkpoint info")
             if s.test_on_best:
                 ckpt.load_into(trainable_parameters(model), ckpt.load_tensors(best / ckpt.TRAINABLE),
                                best / ckpt.TRAINABLE)
             val_accuracy, val_breakdown = best_info["val_accuracy"], best_info["val_breakdown"]
-            val_predictions_src = best / predictions_file("val")
+            val_predictions_src = best / RunDir.predictions_name("val")
         else:
             val = self.evaluate(model, "val")
             val_accuracy, val_breakdown = val.accuracy, val.breakdown
@@ -466,30 +461,29 @@ class _Run:
         counts = count_parameters(model)
         metrics = {
             "dataset": self.dataset, "experiment": self.exp.id, "preset": self.preset["name"],
-            "llm": self.exp.llm, "group": self.exp.label, "rank": self.exp.rank, "status": "finished",
+            "llm": self.exp.llm, "label": self.exp.label, "rank": self.exp.rank, "status": "finished",
             "val_accuracy": val_accuracy, "test_accuracy": test.accuracy,
             "val_breakdown": val_breakdown, "test_breakdown": test.breakdown,
             **counts, "full_qformer_params": full_qformer_size(model),
-            "best_epoch": state["best_epoch"] if state else None,
-            "epochs_run": state["epoch"] if state else 0,
-            "global_steps": state["global_step"] if state else 0,
-            "stopped": state["stopped"] if state else None,
-            "history": state["history"] if state else [],
+            "best_epoch": state.best_epoch if state else None,
+            "epochs_run": state.epoch if state else 0,
+            "global_steps": state.global_step if state else 0,
+            "stopped": state.stopped if state else None,
+            "history": state.history if state else [],
             "wall_time_s": self.wall_offset + time.time() - self.start_time,
-            "train_samples_per_s": (state["train_samples"] / state["train_time_s"])
-            if state and state["train_time_s"] > 0 else None,
-            "eval_questions_per_s": len(self.test) / self.eval_seconds["test"]
-            if self.eval_seconds.get("test") else None,
+            "train_samples_per_s": (state.train_samples / state.train_time_s)
+            if state and state.train_time_s > 0 else None,
+            "eval_questions_per_s": test.questions_per_s or None,
             "peak_memory_mb": _peak_memory_mb(self.device),
         }
         if acc.is_main_process:
             if state is not None:
-                write_finetuned(out, model)
-                with atomic_path(out / predictions_file("val")) as tmp:
+                write_finetuned(run, model)
+                with atomic_path(run.predictions("val")) as tmp:
                     shutil.copyfile(val_predictions_src, tmp)
             else:
-                write_jsonl(out / predictions_file("val"), val.predictions)
-            write_jsonl(out / predictions_file("test"), test.predictions)
-            write_json(out / METRICS, metrics)
+                write_jsonl(run.predictions("val"), val.predictions)
+            write_jsonl(run.predictions("test"), test.predictions)
+            write_json(run.metrics_file, metrics)  # last: "finished" marks a complete run directory
         acc.wait_for_everyone()
         return metrics

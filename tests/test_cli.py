@@ -54,11 +54,11 @@ def test_run_twice_sweep_past_a_failure_and_analyze_partial_results(processed, t
     assert cli.main(["run", "scienceqa", "27", *FAST, *where]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["preset"] == "tiny-t5"
-    for name in ("02_train.ipynb", "03_evaluate.ipynb", "predictions_test.jsonl"):
+    for name in ("02_train.ipynb", "03_results.ipynb", "predictions_test.jsonl"):
         assert (run_dir / name).is_file()
     executed = json.loads((run_dir / "02_train.ipynb").read_text())
     injected = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
-    assert "max_steps = 2" in "".join(injected["source"])
+    assert 'overrides = {"max_steps": 2' in "".join(injected["source"])   # the -p settings, whole
     stamps = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     capsys.readouterr()
 

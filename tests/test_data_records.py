@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from instructblip_peft.data.prompts import render_prompt
-from instructblip_peft.data.records import load_split, preprocess
+from instructblip_peft.data.preprocess import preprocess
+from instructblip_peft.data.records import load_split
 from instructblip_peft.data.sample import generate_sample
 from instructblip_peft.errors import UserError
 

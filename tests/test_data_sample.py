@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from instructblip_peft.data.records import load_split, preprocess
+from instructblip_peft.data.preprocess import preprocess
+from instructblip_peft.data.records import load_split
 from instructblip_peft.data.sample import COLOURS, ensure_sample, generate_sample
 
 

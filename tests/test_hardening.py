@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from instructblip_peft import checkpoint as ckpt
+from instructblip_peft.artifacts import LOCK, RunLock
 from instructblip_peft import cli
 from instructblip_peft.errors import UserError
 from instructblip_peft.train import train
@@ -84,7 +85,7 @@ elif mode in ("eval", "hold"):
             time.sleep(120)
         return real_evaluate(*a, **k)
     evaluate.evaluate = evaluate_
-train("scienceqa", sys.argv[7], out, processed_dir=data, preset="tiny", progress=False, **settings)
+train("scienceqa", sys.argv[7], out, dataset_dir=data, preset="tiny", progress=False, **settings)
 """
 
 
@@ -133,7 +134,7 @@ def test_killed_at_a_chosen_point_resumes_to_the_same_end(point, data, uninterru
     if point == "between-checkpoint-renames":
         assert existing.name == "checkpoint.old" and not (tmp_path / "checkpoint").exists()
 
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))) == []
     assert leftovers(tmp_path) == []
@@ -148,14 +149,14 @@ def test_second_concurrent_process_is_refused_while_the_first_trains(data, tmp_p
             assert time.monotonic() < deadline, "the first run never reached its evaluation"
             time.sleep(0.05)
         with pytest.raises(UserError, match=rf"{tmp_path} is in use by another run \(pid {first.pid}\)"):
-            train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+            train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
         assert first.poll() is None  # the refused run touched nothing of the first's
     finally:
         first.kill()
         first.wait()
     # Once the holder is gone, the directory is usable again and the run resumes to the usual end.
     (tmp_path / "holding").unlink()
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
 
 
 # ---------------------------------------------------------------- full disk, read-only directory
@@ -187,7 +188,7 @@ def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(data, uninte
         return real_save_file(tensors, filename, *a, **k)
     monkeypatch.setattr(ckpt, "save_file", save_file)
     with pytest.raises(UserError) as e:
-        train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+        train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     message = str(e.value)
     assert "No space left on device" in message and str(tmp_path / "checkpoint") in message
     assert len(message.splitlines()) == 1
@@ -197,7 +198,7 @@ def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(data, uninte
     assert not (tmp_path / "metrics.json").exists()
 
     monkeypatch.undo()  # space freed: the run resumes and ends as if nothing happened
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
 
 
@@ -205,12 +206,12 @@ def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(data, uninte
 def test_read_only_at_the_end_is_one_clear_error_and_resumable(name, data, uninterrupted, tmp_path, monkeypatch):
     _failing_replace(monkeypatch, tmp_path / name, errno.EROFS)
     with pytest.raises(UserError) as e:
-        train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+        train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert str(e.value) == f"cannot write {tmp_path / name}: Read-only file system"
     assert not (tmp_path / name).exists() and not (tmp_path / "metrics.json").exists()
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
 
 
@@ -230,10 +231,10 @@ def test_full_disk_while_logging_is_one_clear_error_and_resumable(data, uninterr
     monkeypatch.setattr(train_module, "csv", type("csv", (), {"writer": FullDiskWriter,
                                                              "DictReader": csv.DictReader}))
     with pytest.raises(UserError) as e:
-        train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+        train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert str(e.value) == f"cannot write {tmp_path / 'train_log.csv'}: No space left on device"
     monkeypatch.undo()
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     state = final_state(tmp_path)
     del state["log"]  # the rows the full disk swallowed are not written again (the log is trimmed, not replayed)
     assert_same_run(dict(state, log=None), dict(uninterrupted, log=None))
@@ -245,7 +246,7 @@ def test_same_seed_same_run_other_seed_other_run(data, tmp_path):
     settings = dict(FAST, epochs=1, learning_rate=1e-2)
 
     def scores(name, **extra):
-        train("scienceqa", EXPERIMENT, tmp_path / name, processed_dir=data, preset="tiny", progress=False,
+        train("scienceqa", EXPERIMENT, tmp_path / name, dataset_dir=data, preset="tiny", progress=False,
               **settings, **extra)
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         rows = [json.loads(line) for line in (tmp_path / name / "predictions_test.jsonl").read_text().splitlines()]
@@ -265,7 +266,7 @@ def _lock_released(run_dir: Path, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with ckpt.RunLock(run_dir):
+            with RunLock(run_dir):
                 return True
         except UserError:
             time.sleep(0.2)
@@ -288,7 +289,7 @@ def test_sweep_killed_mid_way_resumes_without_touching_finished_runs(data, tmp_p
             time.sleep(0.02)
         # Everything dies at once, as when a Colab runtime disconnects: the notebook kernel (it runs in a
         # session of its own and holds the run's lock) and the CLI.
-        kernel = int((second / ckpt.LOCK).read_text())
+        kernel = int((second / LOCK).read_text())
         os.kill(kernel, signal.SIGKILL)
         os.killpg(sweep.pid, signal.SIGKILL)
     finally:
@@ -330,7 +331,7 @@ def _bad_scienceqa_raw(t):
 
 def _damaged_checkpoint(t):
     run = t.outputs / "scienceqa" / EXPERIMENT
-    train("scienceqa", EXPERIMENT, run, processed_dir=t.data, preset="tiny", progress=False, **TINY_RUN)
+    train("scienceqa", EXPERIMENT, run, dataset_dir=t.data, preset="tiny", progress=False, **TINY_RUN)
     (run / "metrics.json").unlink()  # as if killed before the end
     damaged = run / "checkpoint" / ckpt.TRAINABLE
     damaged.write_bytes(damaged.read_bytes()[:100])

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 
 import train_fixtures  # noqa: F401  (one thread: tiny models on a shared CPU)
-from instructblip_peft.artifacts import load_finetuned
-from instructblip_peft.data.records import load_split, preprocess
+from instructblip_peft.finetuned import load_finetuned
+from instructblip_peft.data.preprocess import preprocess
+from instructblip_peft.data.records import load_split
 from instructblip_peft.data.sample import generate_sample
 from instructblip_peft.evaluate import evaluate
 from instructblip_peft.train import train
@@ -32,8 +33,8 @@ FAMILIES = {"t5": ("31", "zeroshot-flant5xl"), "llama": ("63", "zeroshot-vicuna7
 def learned(request, processed, tmp_path_factory):
     experiment, zeroshot = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    untrained = train("scienceqa", zeroshot, root / "zeroshot", processed_dir=processed, preset="tiny", progress=False)
-    trained = train("scienceqa", experiment, root / experiment, processed_dir=processed, preset="tiny", progress=False)
+    untrained = train("scienceqa", zeroshot, root / "zeroshot", dataset_dir=processed, preset="tiny", progress=False)
+    trained = train("scienceqa", experiment, root / experiment, dataset_dir=processed, preset="tiny", progress=False)
     return {"processed": processed, "run": root / experiment, "untrained": untrained, "trained": trained,
             "family": request.param}
 

@@ -23,7 +23,7 @@ DRIVER = textwrap.dedent("""
     import json, sys
     from instructblip_peft.train import train
     out, data, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    train("scienceqa", "{experiment}", out, processed_dir=data, preset="tiny", progress=False, **settings)
+    train("scienceqa", "{experiment}", out, dataset_dir=data, preset="tiny", progress=False, **settings)
 """).format(experiment=EXPERIMENT)
 
 

@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, sys.argv[3])
 import train_fixtures  # single-threaded like the test process
 from instructblip_peft.train import train
-train("scienceqa", sys.argv[1], sys.argv[2], processed_dir=sys.argv[4], preset="tiny", progress=False,
+train("scienceqa", sys.argv[1], sys.argv[2], dataset_dir=sys.argv[4], preset="tiny", progress=False,
       **{k: v for k, v in __import__("json").loads(sys.argv[5]).items()})
 """
 
@@ -94,7 +94,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    train("scienceqa", EXPERIMENT, out, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, out, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     return final_state(out)
 
 
@@ -104,7 +104,7 @@ def test_killed_mid_epoch_resumes_to_the_same_end(data, uninterrupted, tmp_path)
                             lambda s: s["global_step"] >= 6 and s["iterations_in_epoch"] > 0)
     assert not (tmp_path / "metrics.json").exists()
     assert killed["epoch"] >= 1
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
 
 
@@ -114,15 +114,15 @@ def test_killed_twice_at_epoch_ends_resumes_to_the_same_end(data, uninterrupted,
     start_and_kill(tmp_path, data, SETTINGS, lambda s: s["epoch"] >= 1)
     start_and_kill(tmp_path, data, SETTINGS, lambda s: s["epoch"] >= 2)
     assert not (tmp_path / "metrics.json").exists()
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     assert_same_run(final_state(tmp_path), uninterrupted)
 
 
 def test_force_starts_over(data, uninterrupted, tmp_path):
     settings = dict(SETTINGS, max_steps=2)
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **settings)
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **settings)
     (tmp_path / "train_log.csv").write_text("step,epoch,loss,lr\n99,9,0.0,0.0\n")  # would survive a resume
-    metrics = train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False,
+    metrics = train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False,
                     force=True, **settings)
     assert metrics["global_steps"] == 2
     assert [r.split(",")[0] for r in (tmp_path / "train_log.csv").read_text().split()[1:]] == ["1", "2"]

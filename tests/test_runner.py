@@ -8,16 +8,23 @@ from instructblip_peft import runner
 from instructblip_peft.errors import UserError
 
 
-def test_limit_parameters_zero_means_no_limit_and_unknown_keys_fail():
-    assert runner.engine_overrides(0, 0, {}) == {}
-    assert runner.engine_overrides(2, None, {"seed": "3"}) == {"max_steps": 2, "seed": 3}
+def test_overrides_are_checked_before_any_notebook_and_travel_typed(tmp_path):
+    (tmp_path / "scienceqa").mkdir()
+    (tmp_path / "scienceqa" / "manifest.json").write_text("{}")
+    plan = runner.plan_run("scienceqa", "27", "tiny", {"max_steps": "2", "learning_rate": "1e-4"}, tmp_path, tmp_path)
+    assert plan.overrides == {"max_steps": 2, "learning_rate": 1e-4}
     with pytest.raises(UserError, match="unknown setting 'nope'"):
-        runner.engine_overrides(0, 0, {"nope": 1})
+        runner.plan_run("scienceqa", "27", "tiny", {"nope": 1}, tmp_path, tmp_path)
 
 
-def test_overrides_travel_as_notebook_parameters():
-    params = runner.notebook_parameters({"max_steps": 2, "learning_rate": 1e-4})
-    assert params == {"max_steps": 2, "max_eval_samples": 0, "overrides": {"learning_rate": 1e-4}}
+def test_the_notebook_gets_the_overrides_whole(tmp_path, monkeypatch):
+    """The notebook's own interactive limits (max_steps 4, ...) are replaced, not merged: a CLI run
+    without -p max_steps trains to the end."""
+    calls = []
+    monkeypatch.setattr(runner, "execute", lambda key, output, params, progress=True: calls.append((key, params)))
+    runner.execute_run(runner.RunPlan("scienceqa", "27", "tiny", {"learning_rate": 1e-4}, tmp_path, tmp_path))
+    assert calls[0][1]["overrides"] == {"learning_rate": 1e-4}
+    assert "max_steps" not in calls[0][1]
 
 
 def test_shards_split_the_list_without_overlap():
@@ -71,4 +78,4 @@ def test_under_a_multi_process_launch_only_rank_0_writes_the_record(tmp_path, mo
     calls.clear()
     monkeypatch.setenv("RANK", "0")
     runner.execute_run(plan)
-    assert [(k, o.name) for k, o in calls] == [("train", "02_train.ipynb"), ("evaluate", "03_evaluate.ipynb")]
+    assert [(k, o.name) for k, o in calls] == [("train", "02_train.ipynb"), ("results", "03_results.ipynb")]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instructblip_peft.artifacts import load_finetuned
-from instructblip_peft.checkpoint import RunLock
+from instructblip_peft.finetuned import load_finetuned
+from instructblip_peft.artifacts import RunLock
 from instructblip_peft.data.batches import epoch_batches
 from instructblip_peft.errors import UserError
 from instructblip_peft.evaluate import evaluate
@@ -35,7 +35,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train("scienceqa", EXPERIMENT, out, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+    train("scienceqa", EXPERIMENT, out, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     return out
 
 
@@ -117,7 +117,7 @@ def test_reloaded_model_reproduces_predictions_in_a_fresh_process(run_dir, data)
     not the last epoch's) and the recorded val accuracy."""
     script = (
         "import json, sys\n"
-        "from instructblip_peft.artifacts import load_finetuned\n"
+        "from instructblip_peft.finetuned import load_finetuned\n"
         "from instructblip_peft.data.records import load_split\n"
         "from instructblip_peft.evaluate import evaluate\n"
         "model, processor, info = load_finetuned(sys.argv[1])\n"
@@ -140,7 +140,7 @@ def test_reloaded_model_reproduces_predictions_in_a_fresh_process(run_dir, data)
 
 def test_finished_run_is_not_retrained(run_dir, data):
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
-    metrics = train("scienceqa", EXPERIMENT, run_dir, processed_dir=data, preset="tiny", progress=False,
+    metrics = train("scienceqa", EXPERIMENT, run_dir, dataset_dir=data, preset="tiny", progress=False,
                     **SETTINGS)
     assert metrics == json.loads((run_dir / "metrics.json").read_text())
     after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file() and p.name != "run.lock"}
@@ -152,11 +152,11 @@ def test_finished_run_of_another_preset_is_not_passed_off_as_this_one(run_dir, d
     real = train_module.preset_for
     monkeypatch.setattr(train_module, "preset_for", lambda exp, preset: dict(real(exp, "tiny"), name="t5-custom"))
     with pytest.raises(UserError, match="holds a finished run of preset 'tiny-t5', not 't5-custom'"):
-        train("scienceqa", EXPERIMENT, run_dir, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+        train("scienceqa", EXPERIMENT, run_dir, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
 
 
 def test_zero_shot_only_evaluates(data, tmp_path):
-    metrics = train("scienceqa", "zeroshot-flant5xl", tmp_path, processed_dir=data, preset="tiny", progress=False,
+    metrics = train("scienceqa", "zeroshot-flant5xl", tmp_path, dataset_dir=data, preset="tiny", progress=False,
                     max_eval_samples=8)
     assert metrics["status"] == "finished" and metrics["trainable_params"] == 0 and metrics["epochs_run"] == 0
     assert (tmp_path / "predictions_val.jsonl").is_file() and (tmp_path / "predictions_test.jsonl").is_file()
@@ -172,7 +172,7 @@ def test_zero_shot_only_evaluates(data, tmp_path):
 def test_second_run_on_the_same_directory_is_refused(data, tmp_path):
     with RunLock(tmp_path):
         with pytest.raises(UserError, match=r"in use by another run \(pid \d+\)"):
-            train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+            train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
 
 
 def test_stale_lock_of_a_dead_process_does_not_block(tmp_path):
@@ -184,7 +184,7 @@ def test_stale_lock_of_a_dead_process_does_not_block(tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
     with pytest.raises(NonFiniteLossError, match="NaN/inf.*last good checkpoint.*learning_rate"):
-        train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False,
+        train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False,
               **dict(SETTINGS, learning_rate=1e30, checkpoint_every_steps=1, max_steps=6))
     assert not (tmp_path / "metrics.json").exists()
     if (tmp_path / "checkpoint").exists():
@@ -193,18 +193,18 @@ def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
 
 
 def test_resuming_with_other_settings_is_refused(data, tmp_path):
-    train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False,
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False,
           **dict(SETTINGS, max_steps=1))
     (tmp_path / "metrics.json").unlink()  # as if killed before the end
     with pytest.raises(UserError, match=r"other settings \(learning_rate: 0.01 -> 0.02"):
-        train("scienceqa", EXPERIMENT, tmp_path, processed_dir=data, preset="tiny", progress=False,
+        train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False,
               **dict(SETTINGS, max_steps=1, learning_rate=0.02))
 
 
 def test_unusable_output_directory_is_a_user_error(data, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot use output directory"):
-        train("scienceqa", EXPERIMENT, tmp_path / "file" / "run", processed_dir=data, preset="tiny",
+        train("scienceqa", EXPERIMENT, tmp_path / "file" / "run", dataset_dir=data, preset="tiny",
               progress=False, **SETTINGS)
 
 
@@ -215,6 +215,6 @@ def test_read_only_output_directory_is_a_user_error(data, tmp_path):
     out.chmod(0o555)
     try:
         with pytest.raises(UserError, match="cannot"):
-            train("scienceqa", EXPERIMENT, out, processed_dir=data, preset="tiny", progress=False, **SETTINGS)
+            train("scienceqa", EXPERIMENT, out, dataset_dir=data, preset="tiny", progress=False, **SETTINGS)
     finally:
         out.chmod(0o755)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..config import path_setting
 from ..errors import UserError
-from .records import _swap_into_place
+from ..io import atomic_dir
 
 IMAGE_SIZE = 64
 BACKGROUND = (255, 255, 255)
@@ -280,16 +278,11 @@ def generate_sample(out_dir, seed: int = 0, n_scienceqa: int = N_SCIENCEQA, n_ic
     for name, writer, n in (("scienceqa", _write_scienceqa, n_scienceqa), ("iconqa", _write_iconqa, n_iconqa)):
         # One generator per dataset, so changing one dataset's size leaves the other's files unchanged.
         rng = random.Random(f"{seed}-{name}")
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
-        try:
+        with atomic_dir(out_dir / name) as work:
             counts[name] = writer(work, rng, n) if name == "scienceqa" else writer(work, rng, n, iconqa_layout)
             (work / "SAMPLE.txt").write_text(
                 f"Generated sample ({_stamp(seed, n)}), not the real {name} data. "
                 f"Regenerate with instructblip_peft.data.sample.generate_sample.\n")
-            _swap_into_place(work, out_dir / name)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
     return {"scienceqa": out_dir / "scienceqa", "iconqa": out_dir / "iconqa", "counts": counts}
 
 

@@ -13,7 +13,11 @@ from .records import (SPLITS, Issues, choice_problem, first_occurrence, image_pr
 
 # Where problems.json and pid_splits.json may sit, relative to the raw dir.
 JSON_DIRS = (".", "data/scienceqa", "data", "scienceqa", "ScienceQA/data/scienceqa")
-SUBJECTS = ("natural science", "social science", "language science")
+# The ScienceQA paper's categories: the three subjects (by abbreviation), the context (TXT: a hint, IMG: an
+# image, NO: neither) and two grade bands. Evaluation's breakdown and the analysis read them from here.
+SUBJECT_CATEGORIES = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+SUBJECTS = tuple(SUBJECT_CATEGORIES)
+CATEGORIES = (*SUBJECT_CATEGORIES.values(), "TXT", "IMG", "NO", "G1-6", "G7-12")
 
 
 def find_json_dir(raw: Path) -> Path:

@@ -1,0 +1,74 @@
+"""A fine-tuned model's weights in a run directory: writing them at the end of training, and loading the
+whole model back (`load_finetuned(run_dir)`) to evaluate or predict with it.
+
+- `adapter/`: the LoRA weights in peft's format (`PeftModel.from_pretrained(base, run_dir/"adapter")`);
+- `trained_tensors.safetensors`: every other trained tensor (query tokens, projection, layer norm, and the
+  whole Q-Former where it trains), by name from the InstructBLIP root.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .artifacts import RunDir
+from .config import Settings
+from .errors import UserError
+from .experiments import get_experiment
+from .io import atomic_dir
+from .lora import base_model, non_lora_trainable, quiet_peft_deprecations
+from .model import default_dtype, load_model, load_preset
+
+
+def write_finetuned(run: RunDir, model) -> None:
+    """Write the adapter (if the model has LoRA) and the other trained tensors of `model`."""
+    if hasattr(model, "peft_config"):
+        with atomic_dir(run.adapter) as tmp:
+            model.save_pretrained(tmp)
+    ckpt.save_tensors(run.trained_tensors, non_lora_trainable(model))
+
+
+def _adapter_dir(run: RunDir) -> Path | None:
+    for d in (run.adapter, run.adapter.with_name(run.adapter.name + ".old")):
+        if (d / "adapter_config.json").is_file():
+            return d
+    return None
+
+
+def load_finetuned(output_dir, device: str | torch.device = "cpu"):
+    """(model, processor, run_info) of a finished run: the preset's base model (tiny presets rebuilt from
+    the recorded seed, real ones loaded from their source), the adapter and the trained tensors applied.
+    The model is in eval mode; run_info["settings"] is a Settings."""
+    from peft import PeftModel
+
+    run = RunDir(output_dir)
+    info = run.run_info()
+    if not run.is_finished():
+        raise UserError(f"{run.path}: the run has not finished (no finished {run.metrics_file.name}); run it to "
+                        "the end first")
+    preset = load_preset(info["preset"])
+    exp = get_experiment(info["experiment"])
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else default_dtype(device)
+    model, processor = load_model(preset, source=info.get("model_source"), dtype=dtype, device="cpu",
+                                  seed=info.get("model_seed", 0))
+    if exp.train and exp.has_lora:
+        adapter = _adapter_dir(run)
+        if adapter is None:
+            raise UserError(f"{run.adapter}: missing adapter_config.json (incomplete run directory)")
+        with quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(model, str(adapter))
+    if exp.train:
+        tensors = ckpt.load_tensors(run.trained_tensors)
+        params = dict(base_model(model).named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise UserError(f"{run.trained_tensors}: tensors the model does not have: {unknown[:3]}")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                # Trained tensors were fp32 in training (even on a bf16/fp16 base): keep them so.
+                params[name].data = t.to(torch.float32)
+    model = model.to(device).eval()
+    info = dict(info, settings=Settings(info["settings"]))
+    return model, processor, info
