@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .artifacts import CHECKPOINT_STATE as STATE
 from .errors import UserError
 from .io import atomic_dir, atomic_path, complete_dir, write_json
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
-STATE = "state.json"
 
 
 def existing_dir(path: str | os.PathLike) -> Path | None:
