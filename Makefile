@@ -22,12 +22,12 @@ demo: install
 
 # The notebooks run with their defaults in a temporary work directory (not over data/ and outputs/).
 test: install
-	$(BIN)/python -m pytest tests -q -m "not slow"
+	$(BIN)/python -m pytest tests -q -m "not slow and not slurm"
 	INSTRUCTBLIP_PEFT_WORKDIR=$$(mktemp -d) $(BIN)/python -m pytest --nbval-lax notebooks -q -p no:cacheprovider
 
-# Slow system tests (per-method learning checks): CI runs them after `make test`.
+# Slow system tests (per-method learning checks, sweep launchers, a real Slurm cluster): CI runs them too.
 test-slow: install
-	$(BIN)/python -m pytest tests -q -m slow
+	$(BIN)/python -m pytest tests -q -m "slow or slurm"
 
 bench: install
 	$(BIN)/python benchmarks/eval_ranking.py

@@ -1,7 +1,9 @@
 """A run's output directory, `<outputs>/<dataset>/<experiment id>/`: the one place that knows its layout.
 
 - `run.json`: dataset, experiment, preset, model seed/source and the settings, enough to rebuild the model;
-- `checkpoint/`, `best/`: resume state and the best-val trainable tensors (checkpoint.py writes them);
+  under `jobs`, the sweep tasks (launch.py) that ran it, one entry per start: a requeued task appears again;
+- `checkpoint/`, `best/`: resume state and the best-val trainable tensors (checkpoint.py writes them;
+  `checkpoint/state.json` says where training stands);
 - `train_log.csv`: the loss every `log_every_steps` optimizer steps; `tensorboard/`: the same curves and the
   val accuracy per epoch as TensorBoard event files (report_to: tensorboard, tracking.py);
 - `adapter/`: the LoRA weights in peft's format; `trained_tensors.safetensors`: every other trained tensor
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from .config import load_yaml
 from .errors import UserError
-from .io import read_json, remove_dir
+from .io import complete_dir, read_json, remove_dir, write_json
 
 METRICS = "metrics.json"
 RUN_INFO = "run.json"
@@ -39,6 +41,8 @@ LOCK = "run.lock"
 ADALORA_RANKS = "adalora_ranks.json"        # AdaLoRA: final rank and importance of every adapted module
 ADALORA_RANKS_FIGURE = "adalora_ranks.png"  # ... drawn: Q-Former layer x sublayer, and the LLM's share
 MODEL_CARD = "README.md"
+CHECKPOINT_STATE = "state.json"  # inside checkpoint/ and best/, written last (checkpoint.py)
+JOBS = "jobs"                    # run.json's key for the sweep tasks that ran the run
 SPLITS_PREDICTED = ("val", "test")
 
 
@@ -139,6 +143,61 @@ class RunDir:
             raise UserError(f"{self.path}: the run has not finished (no finished {self.metrics_file.name}); run it "
                             "to the end first")
         return info
+
+    def progress(self) -> dict | None:
+        """Where training stands as of the last checkpoint (checkpoint/state.json: epoch = epochs completed,
+        global_step, ...); None before the first checkpoint or when it cannot be read."""
+        found = complete_dir(self.checkpoint, CHECKPOINT_STATE)
+        if found is None:
+            return None
+        try:
+            return json.loads((found / CHECKPOINT_STATE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_locked(self) -> bool:
+        """Another process holds the run's lock: it is training in this directory now."""
+        if not self.path.is_dir():
+            return False
+        try:
+            with RunLock(self.path):
+                return False
+        except UserError:
+            return True
+
+    # ------------------------------------------------------------ sweep tasks (run.json's "jobs")
+
+    def jobs(self) -> list[dict]:
+        """The sweep tasks that ran this run, oldest first ([] when none, or run.json is unreadable)."""
+        try:
+            info = json.loads(self.run_info_file.read_text())
+        except (OSError, ValueError):
+            return []
+        jobs = info.get(JOBS) if isinstance(info, dict) else None
+        return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
+
+    def launch_info(self) -> dict:
+        """What train() carries over when it rewrites run.json: {"jobs": [...]}, or {}."""
+        jobs = self.jobs()
+        return {JOBS: jobs} if jobs else {}
+
+    def record_job(self, entry: dict) -> None:
+        """Add a sweep task's entry to run.json (creating it if needed), or update the last entry of the same
+        job and start (keys "job_id", "restart"). Called by the task while no training writes run.json."""
+        try:
+            info = read_json(self.run_info_file, "run info") if self.run_info_file.is_file() else {}
+        except UserError:
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        jobs = self.jobs()
+        last = jobs[-1] if jobs else None
+        if last is not None and all(last.get(k) == entry.get(k) for k in ("job_id", "restart")):
+            last.update(entry)
+        else:
+            jobs.append(dict(entry))
+        info[JOBS] = jobs
+        write_json(self.run_info_file, info)
 
     def check_identity(self, absent: dict | None = None, **expected) -> None:
         """A finished run of another dataset/experiment/preset/method must not pass for the one asked for.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .artifacts import CHECKPOINT_STATE as STATE
 from .errors import UserError
 from .io import atomic_dir, atomic_path, complete_dir, write_json
 
@@ -28,7 +29,6 @@ TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 METHOD = "method.safetensors"
-STATE = "state.json"
 
 
 def existing_dir(path: str | os.PathLike) -> Path | None:

@@ -95,13 +95,40 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     from . import runner
 
-    result = runner.sweep(args.dataset, args.ids, args.preset, _overrides(args.param), args.outputs, args.processed,
-                          shard=args.shard, force=args.force)
+    if args.status:
+        from . import launch
+
+        print(launch.format_status(args.dataset, launch.sweep_status(args.dataset, args.ids, args.outputs)))
+        return 0
+    if args.launcher:
+        from . import launch
+
+        slurm = {key: getattr(args, key) for key in launch.SLURM_FLAGS}
+        result = launch.launch_sweep(args.dataset, args.ids, args.launcher, args.preset, _overrides(args.param),
+                                     args.outputs, args.processed, shard=args.shard, force=args.force,
+                                     jobs=args.jobs, slurm=slurm, wait=not args.no_wait)
+    else:
+        given = [flag for flag, value in (("--jobs", args.jobs), ("--no-wait", args.no_wait or None),
+                                          *_slurm_flags_given(args)) if value is not None]
+        if given:
+            raise UserError(f"{given[0]} needs --launcher (local or slurm)")
+        result = runner.sweep(args.dataset, args.ids, args.preset, _overrides(args.param), args.outputs,
+                              args.processed, shard=args.shard, force=args.force)
+    if result.submitted:
+        print(f"sweep {args.dataset} {args.ids}: {len(result.submitted)} submitted, {len(result.skipped)} already "
+              f"finished")
+        return 0
     print(f"sweep {args.dataset} {args.ids}: {len(result.finished)} finished, {len(result.skipped)} already "
           f"finished, {len(result.failed)} failed")
     for exp_id, message in result.failed:
         print(f"  failed {exp_id}: {message}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _slurm_flags_given(args) -> list:
+    from .launch import SLURM_FLAGS
+
+    return [(flag, getattr(args, key)) for key, flag in SLURM_FLAGS.items()]
 
 
 def cmd_analyze(args) -> int:
@@ -305,7 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", help="e.g. 1-32, 13,28,64 or 1-4,zeroshot-flant5xl")
     run_options(p, "auto")
     p.add_argument("--shard", default=None, metavar="K/N",
-                   help="run only every N-th ID starting at the K-th (1-based), e.g. one shard per GPU")
+                   help="run only every N-th ID starting at the K-th (1-based), e.g. one shard per machine "
+                        "where there is no scheduler")
+    p.add_argument("--launcher", choices=("local", "slurm"), default=None,
+                   help="run each experiment as a task: slurm, one SLURM job array; local, up to --jobs processes "
+                        "on this machine, one GPU each (default: one after another in this process). Settings: "
+                        "params/launch.yaml")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="--launcher local: experiments at once (default: one per GPU; 1 without GPUs)")
+    p.add_argument("--status", action="store_true",
+                   help="show where each run stands (pending, running, stopped, failed, finished) and exit")
+    p.add_argument("--no-wait", action="store_true",
+                   help="--launcher slurm: return once the job array is submitted (see --status)")
+    g = p.add_argument_group("Slurm (--launcher slurm; defaults in params/launch.yaml slurm:)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--gpus", type=int, default=None, help="GPUs per task: 1, or 0 on a CPU partition")
+    g.add_argument("--cpus", type=int, default=None, help="CPUs per task")
+    g.add_argument("--mem-gb", dest="mem_gb", type=float, default=None, help="host memory per task, in GB")
+    g.add_argument("--time-min", dest="time_min", type=int, default=None,
+                   help="time limit per task, in minutes (a task reaching it checkpoints and is requeued)")
+    g.add_argument("--account", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--constraint", default=None, help="node features, e.g. a100")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("analyze", help="collect every run into a table and figures (notebook 04)")

@@ -201,16 +201,24 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
                    run_name(exp.id, settings))
 
 
-def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> str:
-    """02_train then 03_results into the run directory. Returns "finished" or "skipped" (already
-    finished: nothing is executed). An unfinished run resumes from its checkpoint (train() does that)."""
+def is_done(plan: RunPlan) -> bool:
+    """The run is finished, by the plan's preset, with both executed notebooks: `run` skips it. A finished
+    run of another preset is an error (check_identity)."""
     from .model import preset_for
 
     run = plan.run
-    if not force and run.is_finished():
-        run.check_identity(preset=preset_for(get_experiment(plan.experiment), plan.preset)["name"])
-        if all(run.notebook(k).is_file() for k in ("train", "results")):
-            return "skipped"
+    if not run.is_finished():
+        return False
+    run.check_identity(preset=preset_for(get_experiment(plan.experiment), plan.preset)["name"])
+    return all(run.notebook(k).is_file() for k in ("train", "results"))
+
+
+def execute_run(plan: RunPlan, force: bool = False, progress: bool = True) -> str:
+    """02_train then 03_results into the run directory. Returns "finished" or "skipped" (already
+    finished: nothing is executed). An unfinished run resumes from its checkpoint (train() does that)."""
+    run = plan.run
+    if not force and is_done(plan):
+        return "skipped"
     where = {"dataset": plan.dataset, "outputs_dir": str(plan.outputs_dir), "processed_dir": str(plan.processed_dir)}
     rank = process_rank()
     # Under a multi-process launch every rank runs the training notebook; only rank 0's copy is the record.
@@ -245,24 +253,32 @@ def shard_ids(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
     return ids[k - 1::n]
 
 
-@dataclass
-class SweepResult:
-    finished: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-    failed: list = field(default_factory=list)   # (id, message)
-
-
-def sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overrides: dict | None = None,
-          outputs_dir=None, processed_dir=None, shard: str | None = None, force: bool = False,
-          progress: bool = True, log=print) -> SweepResult:
-    """Run many experiments; finished ones are skipped, a partial one resumes, a failing one is
-    reported and the sweep goes on."""
+def plan_sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overrides: dict | None = None,
+               outputs_dir=None, processed_dir=None, shard: str | None = None) -> list[RunPlan]:
+    """Every run of a sweep, checked before any starts (plan_run)."""
     id_list = parse_ids(ids) if isinstance(ids, str) else list(ids)
     # A rankless method (IA3) makes a group's ranks one run: each is run once, under the group's first ID.
     method = resolve_settings(overrides=validate_overrides(overrides))
     id_list = list(dict.fromkeys(representative_id(get_experiment(i), method) for i in id_list))
     id_list = shard_ids(id_list, parse_shard(shard))
-    plans = [plan_run(dataset, i, preset, overrides, outputs_dir, processed_dir) for i in id_list]
+    return [plan_run(dataset, i, preset, overrides, outputs_dir, processed_dir) for i in id_list]
+
+
+@dataclass
+class SweepResult:
+    finished: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)   # (id, message)
+    submitted: list = field(default_factory=list)  # (id, job id): left running on a scheduler (launch.py)
+
+
+def sweep(dataset: str, ids: str | list[str], preset: str | None = "auto", overrides: dict | None = None,
+          outputs_dir=None, processed_dir=None, shard: str | None = None, force: bool = False,
+          progress: bool = True, log=print) -> SweepResult:
+    """Run many experiments, one after another in this process; finished ones are skipped, a partial one
+    resumes, a failing one is reported and the sweep goes on. (launch.py runs them as SLURM array tasks
+    or as several processes on this machine.)"""
+    plans = plan_sweep(dataset, ids, preset, overrides, outputs_dir, processed_dir, shard)
     result = SweepResult()
     for n, plan in enumerate(plans, 1):
         start = time.monotonic()

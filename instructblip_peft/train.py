@@ -45,6 +45,7 @@ from .importance import method_state
 from .io import atomic_dir, atomic_path, read_json, remove_dir, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
 from .model import default_dtype, family_of, load_model, preset_for, set_gradient_checkpointing
+from .stop import StopRequest
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
@@ -54,6 +55,10 @@ RESUME_SAFE_SETTINGS = {"num_workers", "eval_batch_size", "checkpoint_every_step
 
 class NonFiniteLossError(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainingStopped(UserError):
+    """A stop signal arrived (under a sweep launcher, stop.py): the checkpoint is written; running again resumes."""
 
 
 # ---------------------------------------------------------------- the recipe, piece by piece
@@ -187,33 +192,42 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
                               gradient_accumulation_steps=settings.grad_accum_steps or 1,
                               cpu=not torch.cuda.is_available(),
                               log_with=tracking.log_with(settings.report_to), project_dir=str(run.path))
-    with run.lock() if accelerator.is_main_process else contextlib.nullcontext():
-        if force and accelerator.is_main_process:
-            run.clear()
-        elif run.is_finished():
-            # Runs of another method or quantization belong in another directory (experiments.run_name);
-            # runs finished before the method axis existed were LoRA (where they had adapters), unquantized.
-            run.check_identity(dataset=dataset, experiment=exp.id, preset=preset_dict["name"],
-                               peft_method=settings.peft_method if exp.has_lora else None,
-                               quantize=settings.quantize,
-                               absent={"peft_method": "lora" if exp.has_lora else None, "quantize": "none"})
-            metrics = run.metrics()
-            if progress and accelerator.is_main_process:
-                print(f"{run.path}: already finished (val {metrics['val_accuracy']:.4f}, test "
-                      f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
-            return metrics
-        accelerator.wait_for_everyone()
-        try:
-            return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress).run()
-        finally:
-            tracking.finish_trackers(accelerator)
+    # Under a sweep launcher, its preemption/time-limit signal stops training cleanly (stop.py).
+    stop = StopRequest.from_environment(enabled=accelerator.num_processes == 1)
+    try:
+        with stop, run.lock() if accelerator.is_main_process else contextlib.nullcontext():
+            if force and accelerator.is_main_process:
+                run.clear()
+            elif run.is_finished():
+                # Runs of another method or quantization belong in another directory (experiments.run_name);
+                # runs finished before the method axis existed were LoRA (where they had adapters), unquantized.
+                run.check_identity(dataset=dataset, experiment=exp.id, preset=preset_dict["name"],
+                                   peft_method=settings.peft_method if exp.has_lora else None,
+                                   quantize=settings.quantize,
+                                   absent={"peft_method": "lora" if exp.has_lora else None, "quantize": "none"})
+                metrics = run.metrics()
+                if progress and accelerator.is_main_process:
+                    print(f"{run.path}: already finished (val {metrics['val_accuracy']:.4f}, test "
+                          f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
+                return metrics
+            accelerator.wait_for_everyone()
+            try:
+                return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress,
+                            stop).run()
+            finally:
+                tracking.finish_trackers(accelerator)
+    except TrainingStopped as e:
+        stop.exit_process(str(e))  # the lock is released: the requeued task may start at once
+        raise
 
 
 class _Run:
     """One training run, as named steps: setup (data, model) -> fit (epochs, checkpoints) -> finish (test)."""
 
-    def __init__(self, dataset, exp, preset, settings, dataset_dir: Path, run: RunDir, accelerator, progress):
+    def __init__(self, dataset, exp, preset, settings, dataset_dir: Path, run: RunDir, accelerator, progress,
+                 stop: StopRequest | None = None):
         self.dataset, self.exp, self.preset, self.settings = dataset, exp, preset, settings
+        self.stop = stop or StopRequest()
         self.dataset_dir, self.run_dir, self.acc = dataset_dir, run, accelerator
         self.progress = progress and accelerator.is_local_main_process
         self.device = accelerator.device
@@ -292,7 +306,7 @@ class _Run:
         self.family = family_of(base_model(model))
         # One cache for the run: val and test images are encoded once, reused by every evaluation.
         self.vision_cache = evaluation.vision_cache_for(self.settings)
-        info = self.run_info()
+        info = {**self.run_info(), **run.launch_info()}  # the sweep tasks that ran it, kept across sessions
         if self.exp.train:
             if acc.is_main_process:
                 if ckpt.existing_dir(run.checkpoint) is not None:
@@ -373,6 +387,8 @@ class _Run:
                    disable=not self.progress, dynamic_ncols=True)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         while state.stopped is None and state.epoch < s.epochs:
+            if self.stop.requested:  # arrived during set-up or the last epoch's end: its checkpoint is current
+                raise self._stopped()
             epoch = state.epoch
             lr = lr_for_epoch(s.learning_rate, epoch, s.epochs)
             for group in optimizer.param_groups:
@@ -428,7 +444,8 @@ class _Run:
                     # too would let a resumed run log that step's val accuracy twice.
                     ends_epoch = reached_max or acc.gradient_state.end_of_dataloader
                     at_ckpt = step % s.checkpoint_every_steps == 0 and not ends_epoch
-                    if at_log or at_ckpt or reached_max:
+                    stop = self.stop.requested and not reached_max  # at max_steps: stop after the epoch's end
+                    if at_log or at_ckpt or reached_max or stop:
                         self._check_finite(nonfinite, lr)
                     if at_log:
                         mean = (window_sum / state.window_count).item()
@@ -447,12 +464,14 @@ class _Run:
                         window_sum.zero_()
                         state.window_count = 0
                     self.live.step(epoch, s.epochs, step)
-                    if at_ckpt:
+                    if at_ckpt or stop:
                         state.train_time_s += time.time() - t0
                         t0 = time.time()
                         state.epoch_loss_sum = loss_sum.item()
                         state.window_loss_sum = window_sum.item()
                         self.save_checkpoint(run.checkpoint)
+                    if stop:
+                        raise self._stopped()
                     if reached_max:
                         break
                 state.train_time_s += time.time() - t0
@@ -463,6 +482,11 @@ class _Run:
             state.window_loss_sum = window_sum.item()  # a log window may span the epoch's end
             self._end_epoch(model, loss_sum)
         bar.close()
+
+    def _stopped(self) -> TrainingStopped:
+        state = self.state
+        return TrainingStopped(f"training stopped by {self.stop.name} at epoch {state.epoch + 1}, step "
+                               f"{state.global_step}: checkpoint in {self.run_dir.checkpoint}; running again resumes")
 
     def _check_finite(self, nonfinite, lr):
         if nonfinite.item():
