@@ -99,12 +99,15 @@ def model_card(info: dict, metrics: dict, *, merged: bool, where: str, adapter_c
 
     out += ["## Method", ""]
     if exp.has_lora and exp.train:
-        lora = dict(lora_spec())
+        # The run's own values: its settings (lora_alpha, lora_dropout, peft_method), then its adapter_config.
+        lora = dict(lora_spec(), rank=exp.rank, alpha=settings.get("lora_alpha"),
+                    dropout=settings.get("lora_dropout"))
         for key, name in (("r", "rank"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"), ("bias", "bias")):
             if adapter_config and key in adapter_config:
                 lora[name] = adapter_config[key]
-        lora.setdefault("rank", exp.rank)
-        out += [f"LoRA (rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}, bias "
+        method = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "adalora": "AdaLoRA", "ia3": "IA3"}.get(
+            settings.get("peft_method", "lora"), settings.get("peft_method"))
+        out += [f"{method} (rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}, bias "
                 f"{lora['bias']}), applied with `peft` to the modules below"
                 + (", then merged into their weights." if merged else "."), ""]
     elif exp.train:
