@@ -6,7 +6,9 @@
 - `adapter/`: the LoRA weights in peft's format; `trained_tensors.safetensors`: every other trained tensor
   (finetuned.py writes and reads both);
 - `predictions_{val,test}.jsonl`, then `metrics.json` last: its status "finished" marks a complete run;
-- the executed notebooks (names from params/runner.yaml) and `run.lock`.
+- the executed notebooks (names from params/runner.yaml) and `run.lock`;
+- while a run evaluates, `eval_vision_cache.<process>.bin`: the part of its evaluation vision cache beyond
+  `eval_vision_cache_ram_gb`, memory-mapped, one per process; deleted at the end of the run.
 
 Light on purpose (no torch): the runner, the analysis and the notebooks ask it questions about runs.
 """
@@ -29,6 +31,7 @@ BEST_DIR = "best"
 ADAPTER_DIR = "adapter"
 TRAINED_TENSORS = "trained_tensors.safetensors"
 LOCK = "run.lock"
+VISION_CACHE = "eval_vision_cache"
 SPLITS_PREDICTED = ("val", "test")
 
 
@@ -89,6 +92,13 @@ class RunDir:
     def notebook(self, key: str) -> Path:
         return self.path / notebook_name(key)
 
+    def vision_cache_file(self, process: int = 0) -> Path:
+        """Where process `process` spills its evaluation vision cache beyond the RAM cap (a memory-mapped file)."""
+        return self.path / f"{VISION_CACHE}.{process}.bin"
+
+    def vision_cache_files(self) -> list[Path]:
+        return sorted(self.path.glob(f"{VISION_CACHE}.*.bin"))
+
     # ------------------------------------------------------------ state
 
     def metrics(self) -> dict | None:
@@ -130,7 +140,7 @@ class RunDir:
         for d in (self.checkpoint, self.best, self.adapter):
             remove_dir(d)
         for f in (self.metrics_file, self.train_log, self.trained_tensors, self.run_info_file,
-                  *(self.predictions(s) for s in SPLITS_PREDICTED)):
+                  *(self.predictions(s) for s in SPLITS_PREDICTED), *self.vision_cache_files()):
             f.unlink(missing_ok=True)
 
     def lock(self) -> "RunLock":

@@ -44,12 +44,16 @@ NULLABLE_TYPES = {
 }
 CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "model_dtype": ("auto", "float32", "bfloat16", "float16"),
     "eval_mode": ("rank", "generate"),
     "lr_schedule": ("linear_per_epoch",),
 }
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
             "max_train_samples", "max_eval_samples"}
+NON_NEGATIVE = {"eval_vision_cache_ram_gb", "num_workers"}
+# Settings that take "auto" or an integer.
+AUTO_OR_INT = {"num_workers"}
 
 
 def default_settings() -> dict:
@@ -81,6 +85,10 @@ def parse_value(text: str) -> Any:
 
 def check_value(key: str, value: Any, default: Any) -> Any:
     """Return `value` coerced to the setting's type, or raise a UserError naming the key."""
+    if key in AUTO_OR_INT:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise UserError(f"setting '{key}' must be 'auto' or an integer >= 0, got {value!r}")
     expected = NULLABLE_TYPES.get(key) or (type(default) if default is not None else None)
     if value is None:
         if key in NULLABLE_TYPES or default is None:
@@ -102,6 +110,8 @@ def check_value(key: str, value: Any, default: Any) -> Any:
         raise UserError(f"setting '{key}' must be one of {list(CHOICES[key])}, got {value!r}")
     if key in POSITIVE and value <= 0:
         raise UserError(f"setting '{key}' must be positive, got {value!r}")
+    if key in NON_NEGATIVE and value < 0:
+        raise UserError(f"setting '{key}' must be >= 0, got {value!r}")
     return value
 
 
@@ -111,7 +121,9 @@ def validate_overrides(overrides: Mapping[str, Any] | None, defaults: dict | Non
     for key, raw in (overrides or {}).items():
         if key not in defaults:
             raise UserError(f"unknown setting '{key}'. Valid settings: {', '.join(sorted(defaults))}")
-        out[key] = check_value(key, parse_value(raw), defaults[key])
+        # A text setting keeps its text: YAML would read `-p mixed_precision no` as False.
+        text = isinstance(raw, str) and isinstance(defaults[key], str) and key not in AUTO_OR_INT
+        out[key] = check_value(key, raw if text else parse_value(raw), defaults[key])
     return out
 
 

@@ -1,8 +1,10 @@
 """Model presets: the real InstructBLIP checkpoints, and tiny random miniatures of the same classes."""
 from __future__ import annotations
 
+import functools
 import json
 import string
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -149,32 +151,115 @@ def _tiny_processor(preset: dict) -> InstructBlipProcessor:
                                  num_query_tokens=t["num_query_tokens"])
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- precision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: `mixed_precision` is the autocast of training and evaluation ('no', 'bf16' or
+    'fp16'; fp16 adds loss scaling), `dtype` the frozen base weights. Trained tensors are always fp32."""
+    mixed_precision: str
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    def to_dict(self) -> dict:
+        return {"mixed_precision": self.mixed_precision, "model_dtype": self.dtype_name}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_supports_fp16() -> bool:
+    """Whether this CPU build runs an fp16 matmul under autocast, forward and backward (no RNG drawn)."""
+    try:
+        x = torch.ones(2, 8, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = torch.nn.functional.linear(x, torch.ones(8, 8, dtype=torch.float16))
+        y.float().sum().backward()
+        return y.dtype == torch.float16 and x.grad is not None
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def resolve_precision(mixed_precision: str = "auto", model_dtype: str = "auto",
+                      device: torch.device | str = "cpu") -> Precision:
+    """The settings `mixed_precision` and `model_dtype` on `device`. mixed_precision auto: bf16 on GPUs that
+    support it, else fp16; no autocast on CPU. model_dtype auto: fp32 without autocast, else the autocast's
+    type. Any mode runs on CPU too (bf16 there is the dtype mix of a bf16 GPU run)."""
+    device = torch.device(device)
+    mode = mixed_precision
+    if mode == "auto":
+        if device.type != "cuda":
+            mode = "no"
+        else:
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode not in ("no", *AUTOCAST_DTYPES):
+        raise UserError(f"setting 'mixed_precision' must be one of auto, no, bf16, fp16, got {mixed_precision!r}")
+    if model_dtype == "auto":
+        dtype = AUTOCAST_DTYPES.get(mode, torch.float32)
+    elif model_dtype in DTYPES:
+        dtype = DTYPES[model_dtype]
+    else:
+        raise UserError(f"setting 'model_dtype' must be one of auto, {', '.join(DTYPES)}, got {model_dtype!r}")
+    if dtype != torch.float32 and AUTOCAST_DTYPES.get(mode) != dtype:
+        raise UserError(f"setting 'model_dtype' {model_dtype} needs mixed_precision "
+                        f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} (got {mode!r}): half-precision weights "
+                        "meet the fp32 trained tensors only under autocast of the same type")
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("setting 'mixed_precision' bf16: this GPU does not support bf16; use fp16 (or auto)")
+    if mode == "fp16" and device.type == "cpu" and not cpu_supports_fp16():
+        raise UserError("setting 'mixed_precision' fp16: this CPU's PyTorch cannot run fp16 matmuls under autocast; "
+                        "use bf16 or no on CPU")
+    return Precision(mode, dtype)
+
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (model_dtype auto with mixed_precision auto)."""
+    return resolve_precision("auto", "auto", device).dtype
+
+
+# ---------------------------------------------------------------- loading
+
+def _device_map(device: torch.device) -> dict:
+    """from_pretrained's device_map for one device: the weights go from the (memory-mapped) files straight to
+    it, so a GPU load never holds a full copy of the model in CPU RAM."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"": device}
+
+
+def load_processor(source: str) -> InstructBlipProcessor:
+    """The checkpoint's processor with the PIL image backend, whatever else is installed: transformers 5 picks
+    torchvision when it can, which resizes differently from PIL (and from the original and the tests)."""
+    processor = InstructBlipProcessor.from_pretrained(source, backend="pil")
+    if type(processor.image_processor) is not BlipImageProcessorPil:
+        processor.image_processor = BlipImageProcessorPil.from_pretrained(source)
+    return processor
 
 
 def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", seed: int = 0):
-    """Return (model, processor) for a preset.
+    """Return (model, processor) for a preset, the model on `device` in `dtype` (default: default_dtype).
 
     Real presets (and any preset given `source`) load with from_pretrained from a hub id or a local
-    directory written by save_pretrained. Tiny presets without `source` are built randomly (seeded).
+    directory written by save_pretrained, straight onto `device`. Tiny presets without `source` are built
+    randomly (seeded). The image processor is always PIL's (load_processor).
     """
     preset = load_preset(preset) if isinstance(preset, str) else preset
+    device = torch.device(device)
     dtype = dtype or default_dtype(device)
     src = source or preset.get("source")
     if src:
         if source and not Path(source).exists() and "/" not in source:
             raise UserError(f"model source '{source}' is neither a local directory nor a hub id")
         try:
-            model = InstructBlipForConditionalGeneration.from_pretrained(src, dtype=dtype)
-            processor = InstructBlipProcessor.from_pretrained(src)
+            model = InstructBlipForConditionalGeneration.from_pretrained(src, dtype=dtype,
+                                                                         device_map=_device_map(device))
+            processor = load_processor(src)
         except OSError as e:  # transformers turns hub/network/cache errors into OSError
             local = Path(src).exists()
             fix = ("check that it holds save_pretrained() output" if local else

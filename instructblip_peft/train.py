@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import random
 import resource
 import shutil
@@ -41,7 +42,7 @@ from .experiments import get_experiment
 from .finetuned import write_finetuned
 from .io import atomic_dir, atomic_path, read_json, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
-from .model import default_dtype, family_of, load_model, preset_for, set_gradient_checkpointing
+from .model import family_of, load_model, preset_for, resolve_precision, set_gradient_checkpointing
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
@@ -74,13 +75,24 @@ def make_optimizer(model, settings, lr: float, device: torch.device) -> torch.op
                              fused=device.type == "cuda")
 
 
-def mixed_precision_mode(setting: str) -> str:
-    """'auto': bf16 where the GPU supports it, else fp16 (with loss scaling); no autocast on CPU."""
+def _enable_cpu_fp16(accelerator) -> None:
+    """accelerate runs fp16 autocast and loss scaling on GPUs only; on a CPU it would silently compute in fp32
+    (and fail on fp16 weights). Switch both on there as on a GPU (model.resolve_precision has checked that
+    this CPU runs fp16)."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
+def data_workers(setting, device: torch.device) -> int:
+    """num_workers 'auto': a few loader processes on CUDA (up to 4, one CPU left to the main process), so image
+    decoding and tokenisation overlap the GPU's step; none on CPU, where they would take the model's cores."""
     if setting != "auto":
         return setting
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus - 1))
 
 
 # ---------------------------------------------------------------- small helpers
@@ -123,6 +135,12 @@ def _check_resumable(run: RunDir, run_info: dict) -> None:
         if old.get(key) != run_info[key]:
             raise UserError(f"{output_dir} holds a run of {key} '{old.get(key)}', not '{run_info[key]}': "
                             "choose another output directory or pass force=True to start over")
+    if old.get("precision") not in (None, run_info["precision"]):
+        # The same settings ("auto") resolve differently on another machine (GPU vs CPU, bf16 vs fp16).
+        raise UserError(f"{output_dir} holds a checkpoint trained with precision {old['precision']}, here it would "
+                        f"be {run_info['precision']}: pass -p mixed_precision {old['precision']['mixed_precision']} "
+                        f"-p model_dtype {old['precision']['model_dtype']} to continue as it began, or force=True "
+                        "to start over")
     changed = sorted(k for k in set(old.get("settings", {})) | set(run_info["settings"])
                      if k not in RESUME_SAFE_SETTINGS and old["settings"].get(k) != run_info["settings"].get(k))
     if changed:
@@ -175,12 +193,16 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else default_dataset_dir(dataset)
     run = RunDir(output_dir)
 
+    # Checked before anything is written: an impossible precision is one error line.
+    precision = resolve_precision(settings.mixed_precision, settings.model_dtype,
+                                  "cuda" if torch.cuda.is_available() else "cpu")
     # A fresh AcceleratorState lets one process (a notebook) run several trainings with different
     # precision settings; the PartialState (process group of `accelerate launch`) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision_mode(settings.mixed_precision),
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision,
                               gradient_accumulation_steps=settings.grad_accum_steps or 1,
                               cpu=not torch.cuda.is_available())
+    _enable_cpu_fp16(accelerator)
     with run.lock() if accelerator.is_main_process else contextlib.nullcontext():
         if force and accelerator.is_main_process:
             run.clear()
@@ -192,7 +214,11 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
                       f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
             return metrics
         accelerator.wait_for_everyone()
-        return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress).run()
+        job = _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress)
+        try:
+            return job.run()
+        finally:
+            job.close()
 
 
 class _Run:
@@ -203,6 +229,8 @@ class _Run:
         self.dataset_dir, self.run_dir, self.acc = dataset_dir, run, accelerator
         self.progress = progress and accelerator.is_local_main_process
         self.device = accelerator.device
+        # bf16/fp16 base weights, fp32 trained tensors, autocast: the same dtype mix on any device.
+        self.precision = resolve_precision(settings.mixed_precision, settings.model_dtype, self.device)
         self.start_time = time.time()
         self.wall_offset = 0.0  # time spent by earlier, interrupted sessions of this run
         self.state: TrainState | None = None
@@ -215,11 +243,14 @@ class _Run:
                 "llm": self.exp.llm, "family": self.exp.family,
                 # Tiny presets are random models: this seed rebuilds the same base weights.
                 "model_seed": s.seed, "model_source": self.preset.get("source"),
+                # What "auto" resolved to here; load_finetuned rebuilds the model in this dtype.
+                "precision": self.precision.to_dict(),
                 "processed_dir": str(self.dataset_dir), "settings": dict(s)}
 
     def build_model(self):
-        dtype = torch.float32 if self.device.type == "cpu" else default_dtype(self.device)
-        model, processor = load_model(self.preset, dtype=dtype, device="cpu", seed=self.settings.seed)
+        # Straight to the device: on a GPU the weights never pass through a full copy in CPU RAM.
+        model, processor = load_model(self.preset, dtype=self.precision.dtype, device=self.device,
+                                      seed=self.settings.seed)
         # LoRA's initial A matrices are drawn from the global torch RNG (seeded randomly at start-up):
         # seeding it makes the starting point, and so the whole run, a function of the seed.
         torch.manual_seed(self.settings.seed)
@@ -253,8 +284,9 @@ class _Run:
         self.load_data()
         model, self.processor = self.build_model()
         self.family = family_of(base_model(model))
-        # One cache for the run: val and test images are encoded once, reused by every evaluation.
-        self.vision_cache = evaluation.vision_cache_for(self.settings)
+        # One cache for the run: val and test images are encoded once, reused by every evaluation. Beyond its
+        # RAM cap it spills to a file in the run directory, deleted when the run ends (close(), however it ends).
+        self.vision_cache = evaluation.vision_cache_for(self.settings, run.vision_cache_file(acc.process_index))
         info = self.run_info()
         if self.exp.train:
             if acc.is_main_process:
@@ -266,6 +298,10 @@ class _Run:
         elif acc.is_main_process:
             write_json(run.run_info_file, info)
         return self.finish(model)
+
+    def close(self) -> None:
+        if getattr(self, "vision_cache", None) is not None:
+            self.vision_cache.close()
 
     def fit(self, model) -> None:
         s, run, acc = self.settings, self.run_dir, self.acc
@@ -325,6 +361,9 @@ class _Run:
         bar = tqdm(total=s.max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        workers = data_workers(s.num_workers, self.device)
+        if workers:  # a forked worker cannot use tokenizers' threads (it would warn, then disable them)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         while state.stopped is None and state.epoch < s.epochs:
             epoch = state.epoch
             lr = lr_for_epoch(s.learning_rate, epoch, s.epochs)
@@ -344,8 +383,10 @@ class _Run:
             if remaining and not reached_max:
                 # Its own generator: building the loader's iterator must not draw from the global torch RNG,
                 # or a resumed run's dropout masks would shift by one draw.
+                # Workers change nothing in the data: each item's augmentation is seeded by (seed, epoch, index).
                 loader = torch.utils.data.DataLoader(train_set, batch_sampler=remaining, collate_fn=collator,
-                                                     num_workers=s.num_workers, generator=torch.Generator())
+                                                     num_workers=workers, pin_memory=self.device.type == "cuda",
+                                                     generator=torch.Generator())
                 loader = acc.prepare(loader)
                 t0 = time.time()
                 for batch in loader:
@@ -475,6 +516,7 @@ class _Run:
             if state and state.train_time_s > 0 else None,
             "eval_questions_per_s": test.questions_per_s or None,
             "peak_memory_mb": _peak_memory_mb(self.device),
+            "eval_vision_cache": self.vision_cache.stats() if self.vision_cache is not None else None,
         }
         if acc.is_main_process:
             if state is not None:

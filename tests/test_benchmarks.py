@@ -103,3 +103,16 @@ def test_gpu_real_size_refuses_real_size_on_cpu():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit):
         bench.main(["--experiments", "32"])
+
+
+def test_memory_benchmark_measures_loading_and_the_capped_cache(tmp_path):
+    bench = load("memory")
+    bench.save_model(tmp_path / "model", tiny=True, dtype_name="bfloat16")
+    loaded = bench.child_load(str(tmp_path / "model"), "bfloat16", "load_model")
+    assert loaded["checkpoint_bytes"] > 0 and loaded["peak_rss"] >= loaded["rss_before"] > 0
+    assert loaded["param_bytes"] >= loaded["checkpoint_bytes"] * 0.9 and loaded["checksum_finite"]
+    per_image = 17 * 64 * 2
+    cache = bench.child_cache(40, 10 * per_image, [17, 64], str(tmp_path / "eval_vision_cache.0.bin"))
+    assert cache["bytes_per_image"] == per_image
+    assert cache["ram_bytes"] == 10 * per_image and cache["spilled_bytes"] == 30 * per_image
+    assert cache["read_back_ok"] and cache["spill_removed"]
