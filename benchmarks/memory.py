@@ -202,9 +202,10 @@ def bench_cache(tiny: bool, work: Path, images: int | None, uncapped_images: int
     uncapped["scaled_peak_anon_over_before"] = (uncapped["peak_anon"] - uncapped["anon_before"]) * scale
     print(f"\n== evaluation vision cache: {images:,} images of {shape[0]} x {shape[1]} bf16 "
           f"({capped['bytes_per_image'] / 1024:.0f} KiB each, {images * capped['bytes_per_image'] / 2**30:.2f} GiB)")
+    rss, anon = capped["peak_rss"] - capped["rss_before"], capped["peak_anon"] - capped["anon_before"]
     print(f"capped at {(capped['cap_bytes'] or 0) / 2**30:.2f} GiB: {capped['ram_bytes'] / 2**30:.2f} GiB in RAM, "
-          f"{capped['spilled_bytes'] / 2**30:.2f} GiB spilled; peak RSS +{(capped['peak_rss'] - capped['rss_before']) / 2**30:.2f} GiB, "
-          f"peak anonymous +{(capped['peak_anon'] - capped['anon_before']) / 2**30:.2f} GiB; fill {capped['fill_s']:.0f} s, "
+          f"{capped['spilled_bytes'] / 2**30:.2f} GiB spilled; peak RSS +{rss / 2**30:.2f} GiB, "
+          f"peak anonymous +{anon / 2**30:.2f} GiB; fill {capped['fill_s']:.0f} s, "
           f"one read pass {capped['read_s']:.0f} s; read back intact: {capped['read_back_ok']}; spill file removed: "
           f"{capped['spill_removed']}")
     print(f"uncapped ({uncapped_images:,} images measured, x{scale:.0f}): peak anonymous "

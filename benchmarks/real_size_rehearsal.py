@@ -293,7 +293,8 @@ def main(argv=None) -> dict:
             "seconds_per_step": 2 / metrics["train_samples_per_s"] if metrics.get("train_samples_per_s") else None,
             "eval_questions_per_s": metrics.get("eval_questions_per_s"),
             "vision_cache": cache, "run_checkpoint_bytes": dir_bytes(run_dir / "checkpoint"),
-            "adapter_and_tensors_bytes": dir_bytes(run_dir / "adapter") + (run_dir / "trained_tensors.safetensors").stat().st_size,
+            "adapter_and_tensors_bytes": dir_bytes(run_dir / "adapter")
+            + (run_dir / "trained_tensors.safetensors").stat().st_size,
             "trainable_params": metrics["trainable_params"], "val_accuracy": metrics["val_accuracy"],
             "test_accuracy": metrics["test_accuracy"],
         })
@@ -301,14 +302,17 @@ def main(argv=None) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     r = result
-    print(f"\n== rehearsal: {args.preset}, experiment {r['experiment']}, {r['precision']}, CLI wall {r['cli_wall_s']:.0f} s")
+    print(f"\n== rehearsal: {args.preset}, experiment {r['experiment']}, {r['precision']}, "
+          f"CLI wall {r['cli_wall_s']:.0f} s")
     print(f"peak RSS: notebook kernel {r['kernel_peak_rss_bytes'] / GB:.2f} GB (of which anonymous at most "
-          f"{r['peak_anon_one_process_bytes'] / GB:.2f} GB), whole process tree {r['peak_rss_tree_bytes'] / GB:.2f} GB; "
+          f"{r['peak_anon_one_process_bytes'] / GB:.2f} GB), whole process tree "
+          f"{r['peak_rss_tree_bytes'] / GB:.2f} GB; "
           f"checkpoint on disk {r['checkpoint_bytes'] / GB:.2f} GB "
           f"(kernel peak {r['kernel_peak_rss_bytes'] / r['checkpoint_bytes']:.2f}x it)")
     print(f"training: {r['steps']} steps at batch 2, {r['seconds_per_step']:.1f} s per step; evaluation "
           f"{r['eval_questions_per_s']:.3f} questions/s")
-    print(f"vision cache: {r['vision_cache'].get('images')} images, {r['vision_cache'].get('bytes_per_image'):,.0f} bytes "
+    print(f"vision cache: {r['vision_cache'].get('images')} images, "
+          f"{r['vision_cache'].get('bytes_per_image'):,.0f} bytes "
           f"per image; run checkpoint (resume state) {r['run_checkpoint_bytes'] / 2**20:.1f} MiB, adapter + trained "
           f"tensors {r['adapter_and_tensors_bytes'] / 2**20:.1f} MiB; {r['trainable_params']:,} trainable params")
     if args.json:

@@ -56,6 +56,21 @@ NON_NEGATIVE = {"eval_vision_cache_ram_gb", "num_workers"}
 AUTO_OR_INT = {"num_workers"}
 
 
+# mixed_precision -> the half type it computes in (model_dtype's name for it).
+HALF_TYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_precision(mixed_precision: str, model_dtype: str) -> None:
+    """Half-precision base weights meet the fp32 trained tensors only under autocast of their own type.
+    (mixed_precision 'auto' is checked once resolved on its device: model.resolve_precision.)"""
+    if model_dtype not in HALF_TYPES.values() or mixed_precision == "auto":
+        return
+    if HALF_TYPES.get(mixed_precision) != model_dtype:
+        need = next(k for k, v in HALF_TYPES.items() if v == model_dtype)
+        raise UserError(f"setting 'model_dtype' {model_dtype} needs mixed_precision {need} (got {mixed_precision!r}): "
+                        "half-precision weights meet the fp32 trained tensors only under autocast of the same type")
+
+
 def default_settings() -> dict:
     """Every overridable setting with its default (train.yaml and data.yaml minus prompt templates)."""
     train = load_yaml("train.yaml")
@@ -151,6 +166,7 @@ def resolve_settings(dataset: str | None = None, experiment=None, preset: Mappin
                     raise UserError(f"presets.yaml: preset '{preset['name']}' sets unknown key '{key}'")
                 merged[key] = check_value(key, value, defaults[key])
     merged.update(validate_overrides(overrides, defaults))
+    check_precision(merged.get("mixed_precision", "auto"), merged.get("model_dtype", "auto"))
     return Settings(merged)
 
 

@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import load_yaml, params_dir
+from .config import check_precision, load_yaml, params_dir
 from .errors import UserError
 
 IMAGE_TOKEN = "<image>"
@@ -205,10 +205,7 @@ def resolve_precision(mixed_precision: str = "auto", model_dtype: str = "auto",
         dtype = DTYPES[model_dtype]
     else:
         raise UserError(f"setting 'model_dtype' must be one of auto, {', '.join(DTYPES)}, got {model_dtype!r}")
-    if dtype != torch.float32 and AUTOCAST_DTYPES.get(mode) != dtype:
-        raise UserError(f"setting 'model_dtype' {model_dtype} needs mixed_precision "
-                        f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} (got {mode!r}): half-precision weights "
-                        "meet the fp32 trained tensors only under autocast of the same type")
+    check_precision(mode, next(k for k, v in DTYPES.items() if v == dtype))
     if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("setting 'mixed_precision' bf16: this GPU does not support bf16; use fp16 (or auto)")
     if mode == "fp16" and device.type == "cpu" and not cpu_supports_fp16():

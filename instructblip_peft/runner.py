@@ -154,13 +154,17 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
     """Check everything a run needs before any notebook starts (unknown dataset/ID/preset/setting,
     missing processed data) and return what to execute. The overrides are validated here, as train()
     resolves them, and travel on typed."""
-    from .model import preset_for
+    import torch
+
+    from .model import preset_for, resolve_precision
 
     check_dataset(dataset)
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
     overrides = validate_overrides(overrides)
-    resolve_settings(dataset, exp, preset_dict, overrides)  # what train() will see: fails here, not in a kernel
+    # What train() will see: fails here, not in a kernel.
+    settings = resolve_settings(dataset, exp, preset_dict, overrides)
+    resolve_precision(settings.mixed_precision, settings.model_dtype, "cuda" if torch.cuda.is_available() else "cpu")
     processed = processed_root(processed_dir)
     if not (processed / dataset / MANIFEST).is_file():
         raise UserError(f"no processed {dataset} data in {processed / dataset}: run "

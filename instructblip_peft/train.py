@@ -47,7 +47,7 @@ from .model import family_of, load_model, preset_for, resolve_precision, set_gra
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
 RESUME_SAFE_SETTINGS = {"num_workers", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
-                        "eval_vision_cache", "gradient_checkpointing"}
+                        "eval_vision_cache", "eval_vision_cache_ram_gb", "gradient_checkpointing"}
 
 
 class NonFiniteLossError(UserError):

@@ -80,11 +80,16 @@ def test_static_padding_pads_to_max_txt_len_and_keeps_labels():
             assert torch.equal(static["labels"], dynamic["labels"])
 
 
-def test_gpu_real_size_runs_tiny_on_cpu(tmp_path):
+def test_gpu_real_size_runs_tiny_on_cpu(tmp_path, capsys):
     bench = load("gpu_real_size")
     out = tmp_path / "gpu.json"
     bench.main(["--tiny", "--experiments", "32", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
                 "--json", str(out)])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "MFU" in table[0] and "largest batch 24 GB / 40 GB / 80 GB" in table[0]
+    rows = [line.split(" | ")[0:3] for line in table[1:]]
+    assert rows == [["| 32", "tiny-t5", "off"], ["| 32", "tiny-t5", "on"], ["| 64", "tiny-llama", "off"],
+                    ["| 64", "tiny-llama", "on"]]
     rows = json.loads(out.read_text())["results"]
     assert [r["experiment"] for r in rows] == ["32", "64"]
     for row in rows:
