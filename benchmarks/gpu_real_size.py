@@ -17,7 +17,12 @@ estimate: frozen weights that gradients flow through cost 4 x params x tokens (f
 activations 2), trainable ones 6 x params x tokens (backward to weights 2 more), and the vision tower,
 which nothing upstream trains, 2 x params x patches.
 
-    python benchmarks/gpu_real_size.py                    # GPU: experiments 28 32 60 64
+Memory: peak allocated and reserved; a second, untimed step at half the batch gives a line through two
+points (fixed + per-sample memory), hence the largest batch that fits 24, 40 and 80 GB cards. At the end,
+one table (the one benchmarks/README.md takes): per ID and checkpointing mode, step time, samples/s, peak
+GPU memory, TFLOP/s, MFU (against the card's dense bf16 peak) and the largest batch per card size.
+
+    python benchmarks/gpu_real_size.py                    # GPU: experiments 28 32 60 64, under 10 minutes
     python benchmarks/gpu_real_size.py --tiny             # CPU: tiny presets, the CI smoke run
 """
 from __future__ import annotations
@@ -48,6 +53,10 @@ from instructblip_peft.model import (architecture_config, load_preset, preset_fo
 GiB = 2**30
 # A 24 GB card leaves about 23 GiB to tensors after the CUDA context and allocator slack.
 BUDGET_24GB = 23 * GiB
+# Peak allocated memory that still fits a card of each size (nominal GB), with ~1-2 GiB left for the CUDA
+# context and allocator fragmentation: 24 GB = 22.4 GiB, 40 GB = 37.3 GiB (A100 40GB: 39.4), 80 GB = 74.5 GiB
+# (A100/H100 80GB: 79.2).
+CARD_BUDGETS_GIB = {"24 GB": 21.0, "40 GB": 37.0, "80 GB": 77.0}
 ANSWER_TOKENS = 8
 # Dense bf16 peak (no sparsity) by device name, TFLOP/s; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -199,9 +208,28 @@ def measure(model, batch: dict, device: torch.device, dtype: torch.dtype, checkp
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GiB
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GiB
         out["fits_24gb"] = torch.cuda.max_memory_reserved(device) <= BUDGET_24GB
-    del optimizer
+    optimizer.state.clear()  # frees the Adam moments before the next configuration is measured
     if flops is not None:
         out["counted_flops"] = flops
+    return out
+
+
+def largest_batches(batch_size: int, peak_gib: float, small_batch: int, small_peak_gib: float) -> dict[str, int]:
+    """The largest batch whose peak allocated memory stays within each card's budget, from two measured
+    batch sizes: memory = fixed + per_sample x batch (weights, optimizer state and the CUDA workspace are the
+    fixed part; activations grow with the batch)."""
+    if batch_size == small_batch:
+        return {}
+    per_sample = (peak_gib - small_peak_gib) / (batch_size - small_batch)
+    fixed = peak_gib - per_sample * batch_size
+    out = {}
+    for card, budget in CARD_BUDGETS_GIB.items():
+        if fixed > budget:
+            out[card] = 0
+        elif per_sample <= 0:
+            out[card] = batch_size  # no growth measured: at least the measured batch
+        else:
+            out[card] = int((budget - fixed) // per_sample)
     return out
 
 
@@ -213,6 +241,9 @@ def run_preset(preset: dict, experiment_ids: list[str], args, device: torch.devi
     model = build_model(preset, device, dtype, args.seed)
     build_s = time.perf_counter() - t0
     batch = synthetic_batch(model, batch_size, prompt_tokens, device, dtype, args.seed)
+    small = max(1, batch_size // 2)
+    small_batch = synthetic_batch(model, small, prompt_tokens, device, dtype, args.seed) if (
+        device.type == "cuda" and args.max_batch and small != batch_size) else None
     total_params = sum(p.numel() for p in model.parameters())
     results = []
     for exp_id in experiment_ids:
@@ -229,6 +260,11 @@ def run_preset(preset: dict, experiment_ids: list[str], args, device: torch.devi
             r = measure(peft_model, batch, device, dtype, checkpointing, args.warmup, args.steps,
                         count_flops=flops is None and not checkpointing)
             flops = r.pop("counted_flops", flops)
+            if small_batch is not None:  # a second batch size (one untimed step) for the memory line
+                r2 = measure(peft_model, small_batch, device, dtype, checkpointing, 0, 1, count_flops=False)
+                r["small_batch"], r["small_batch_peak_allocated_gib"] = small, r2["peak_allocated_gib"]
+                r["largest_batch"] = largest_batches(batch_size, r["peak_allocated_gib"], small,
+                                                     r2["peak_allocated_gib"])
             row["runs"].append(r)
         if flops is None:  # only checkpointed runs asked for: count on an extra plain step
             flops = measure(peft_model, batch, device, dtype, False, 0, 1, count_flops=True)["counted_flops"]
@@ -269,6 +305,25 @@ def report(row: dict, peak: float | None) -> None:
               f"(formula {r['estimated_tflops']:.3g}); {mem}; losses finite: {r['losses_finite']}")
 
 
+def print_table(results: list[dict], peak: float | None) -> None:
+    """One line per experiment and checkpointing mode: the figures benchmarks/README.md's table takes."""
+    cards = list(CARD_BUDGETS_GIB)
+    print(f"\n| ID | model | checkpointing | batch | step s | samples/s | peak GiB | TFLOP/s | MFU | "
+          f"largest batch {' / '.join(cards)} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        for r in row["runs"]:
+            mem = f"{r['peak_allocated_gib']:.1f}" if "peak_allocated_gib" in r else "n/a"
+            mfu = f"{100 * r['share_of_peak']:.0f}%" if "share_of_peak" in r else "n/a"
+            fits = " / ".join(str(r["largest_batch"].get(c, "?")) for c in cards) if r.get("largest_batch") else "n/a"
+            print(f"| {row['experiment']} | {row['preset']} | {'on' if r['checkpointing'] else 'off'} | "
+                  f"{row['batch_size']} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | {mem} | {r['tflops']:.3g} | "
+                  f"{mfu} | {fits} |")
+    print(f"MFU: counted model FLOP/s / the card's dense bf16 peak ({peak or 'unknown'} TFLOP/s). Largest batch: "
+          f"peak allocated memory within {', '.join(f'{v:g} GiB ({k})' for k, v in CARD_BUDGETS_GIB.items())}, "
+          "from a line through two measured batch sizes (the preset's and half of it).")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny presets instead of the real architectures (CPU)")
@@ -283,6 +338,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not known")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--no-max-batch", dest="max_batch", action="store_false",
+                    help="skip the second batch size that estimates the largest batch per card")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" and not args.tiny:
@@ -305,6 +362,7 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     for name, ids in by_preset.items():
         results += run_preset(load_preset(name), ids, args, device, dtype)
+    print_table(results, args.peak)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     if args.json:
         write_json(args.json, {"machine": machine, "dtype": args.dtype, "peak_bf16_tflops": args.peak,

@@ -10,7 +10,9 @@
   (finetuned.py writes and reads both);
 - `predictions_{val,test}.jsonl`, then `metrics.json` last: its status "finished" marks a complete run;
 - AdaLoRA runs: `adalora_ranks.json`, every adapted module's final rank and importance, and its figure;
-- the executed notebooks (names from params/runner.yaml) and `run.lock`.
+- the executed notebooks (names from params/runner.yaml) and `run.lock`;
+- while a run evaluates, `eval_vision_cache.<process>.bin`: the part of its evaluation vision cache beyond
+  `eval_vision_cache_ram_gb`, memory-mapped, one per process; deleted at the end of the run.
 
 An exported folder (`instructblip-peft export`) is laid out the same way, without checkpoints, predictions
 and notebooks, plus its model card `README.md`; `--merged` puts a plain transformers checkpoint in place of
@@ -43,6 +45,7 @@ ADALORA_RANKS_FIGURE = "adalora_ranks.png"  # ... drawn: Q-Former layer x sublay
 MODEL_CARD = "README.md"
 CHECKPOINT_STATE = "state.json"  # inside checkpoint/ and best/, written last (checkpoint.py)
 JOBS = "jobs"                    # run.json's key for the sweep tasks that ran the run
+VISION_CACHE = "eval_vision_cache"
 SPLITS_PREDICTED = ("val", "test")
 
 
@@ -118,6 +121,13 @@ class RunDir:
 
     def notebook(self, key: str) -> Path:
         return self.path / notebook_name(key)
+
+    def vision_cache_file(self, process: int = 0) -> Path:
+        """Where process `process` spills its evaluation vision cache beyond the RAM cap (a memory-mapped file)."""
+        return self.path / f"{VISION_CACHE}.{process}.bin"
+
+    def vision_cache_files(self) -> list[Path]:
+        return sorted(self.path.glob(f"{VISION_CACHE}.*.bin"))
 
     # ------------------------------------------------------------ state
 
@@ -226,7 +236,8 @@ class RunDir:
         for d in (self.checkpoint, self.best, self.adapter, self.tensorboard):
             remove_dir(d)
         for f in (self.metrics_file, self.train_log, self.trained_tensors, self.run_info_file,
-                  self.adalora_ranks, self.adalora_ranks_figure, *(self.predictions(s) for s in SPLITS_PREDICTED)):
+                  self.adalora_ranks, self.adalora_ranks_figure, *(self.predictions(s) for s in SPLITS_PREDICTED),
+                  *self.vision_cache_files()):
             f.unlink(missing_ok=True)
 
     def lock(self) -> "RunLock":

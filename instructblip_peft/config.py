@@ -138,6 +138,7 @@ NULLABLE_TYPES = {
 }
 CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "model_dtype": ("auto", "float32", "bfloat16", "float16"),
     "eval_mode": ("rank", "generate"),
     "lr_schedule": ("linear_per_epoch",),
     "peft_method": ("lora", "dora", "rslora", "adalora", "ia3"),
@@ -147,8 +148,26 @@ CHOICES = {
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
             "max_train_samples", "max_eval_samples", "lora_alpha", "adalora_delta_t", "eval_max_txt_len"}
+NON_NEGATIVE = {"eval_vision_cache_ram_gb", "num_workers", "adalora_orth_reg_weight"}
 # Settings that must lie in [0, 1) (probabilities and fractions of a run).
 FRACTIONS = {"lora_dropout", "adalora_tinit", "adalora_tfinal", "adalora_beta1", "adalora_beta2"}
+# Settings that take "auto" or an integer.
+AUTO_OR_INT = {"num_workers"}
+
+
+# mixed_precision -> the half type it computes in (model_dtype's name for it).
+HALF_TYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_precision(mixed_precision: str, model_dtype: str) -> None:
+    """Half-precision base weights meet the fp32 trained tensors only under autocast of their own type.
+    (mixed_precision 'auto' is checked once resolved on its device: model.resolve_precision.)"""
+    if model_dtype not in HALF_TYPES.values() or mixed_precision == "auto":
+        return
+    if HALF_TYPES.get(mixed_precision) != model_dtype:
+        need = next(k for k, v in HALF_TYPES.items() if v == model_dtype)
+        raise UserError(f"setting 'model_dtype' {model_dtype} needs mixed_precision {need} (got {mixed_precision!r}): "
+                        "half-precision weights meet the fp32 trained tensors only under autocast of the same type")
 
 
 def default_settings() -> dict:
@@ -180,6 +199,10 @@ def parse_value(text: str) -> Any:
 
 def check_value(key: str, value: Any, default: Any) -> Any:
     """Return `value` coerced to the setting's type, or raise a UserError naming the key."""
+    if key in AUTO_OR_INT:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise UserError(f"setting '{key}' must be 'auto' or an integer >= 0, got {value!r}")
     expected = NULLABLE_TYPES.get(key) or (type(default) if default is not None else None)
     if value is None:
         if key in NULLABLE_TYPES or default is None:
@@ -206,13 +229,14 @@ def check_value(key: str, value: Any, default: Any) -> Any:
     if key == "adalora_init_rank_factor" and value <= 1:
         raise UserError(f"setting '{key}' must be above 1 (AdaLoRA prunes from the initial rank down to the "
                         f"experiment's rank), got {value!r}")
-    if key == "adalora_orth_reg_weight" and value < 0:
+    if key in NON_NEGATIVE and value < 0:
         raise UserError(f"setting '{key}' must be >= 0, got {value!r}")
     return value
 
 
 def check_combination(settings: Mapping[str, Any]) -> None:
     """Constraints between settings (each value is already valid on its own)."""
+    check_precision(settings.get("mixed_precision", "auto"), settings.get("model_dtype", "auto"))
     if settings.get("peft_method") == "adalora" and settings["adalora_tinit"] + settings["adalora_tfinal"] >= 1:
         raise UserError(f"settings 'adalora_tinit' + 'adalora_tfinal' must be below 1 (a fraction of the run is "
                         f"left for pruning ranks), got {settings['adalora_tinit']} + {settings['adalora_tfinal']}")
@@ -230,7 +254,9 @@ def validate_overrides(overrides: Mapping[str, Any] | None, defaults: dict | Non
     for key, raw in (overrides or {}).items():
         if key not in defaults:
             raise UserError(f"unknown setting '{key}'. Valid settings: {', '.join(sorted(defaults))}")
-        out[key] = check_value(key, parse_value(raw), defaults[key])
+        # A text setting keeps its text: YAML would read `-p mixed_precision no` as False.
+        text = isinstance(raw, str) and isinstance(defaults[key], str) and key not in AUTO_OR_INT
+        out[key] = check_value(key, raw if text else parse_value(raw), defaults[key])
     return out
 
 

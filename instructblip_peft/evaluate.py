@@ -15,12 +15,17 @@ Tokenisation is `data.batches`' (the training collator's), so a score means the 
 """
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import re
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
@@ -51,19 +56,103 @@ class EvalResult:
 
 # ---------------------------------------------------------------- vision cache
 
+class _Spill:
+    """Tensors appended to one memory-mapped file, read back by offset. Space is reserved on disk before it is
+    written (a full disk is an error here, not a crash later); the file grows by doubling, up to 1 GiB at a
+    time. Pages are released from the process after each write and read (MADV_DONTNEED: their contents stay
+    in the file and the page cache), so the spill adds to the kernel's evictable cache, not to the process's
+    resident memory."""
+
+    MIN_BYTES = 64 * 2**20
+    MAX_GROWTH = 2**30
+
+    def __init__(self, path: Path | None):
+        self.given = path is not None
+        self.path = path
+        self.map: np.memmap | None = None
+        self.used = 0
+
+    def _fail(self, e: OSError):
+        raise UserError(f"{self.path}: cannot write the evaluation vision cache ({e.strerror or e}); free disk "
+                        "space, raise eval_vision_cache_ram_gb or set eval_vision_cache false") from None
+
+    def _reserve(self, end: int) -> None:
+        capacity = 0 if self.map is None else len(self.map)
+        if end <= capacity:
+            return
+        new = max(end, min(2 * capacity, capacity + self.MAX_GROWTH), self.MIN_BYTES)
+        try:
+            if self.path is None:
+                fd, name = tempfile.mkstemp(prefix="instructblip-peft-vision-cache-", suffix=".bin")
+                os.close(fd)
+                self.path = Path(name)
+            elif self.map is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.unlink(missing_ok=True)  # a killed run's spill holds nothing this one knows of
+            if self.map is not None:
+                self.map.flush()
+                self.map = None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, new)
+            finally:
+                os.close(fd)
+            self.map = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(new,))
+        except OSError as e:
+            self._fail(e)
+
+    def _release(self, offset: int, size: int) -> None:
+        """Drop the pages of [offset, offset + size) from this process (not from the file)."""
+        raw = getattr(self.map, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(self.map), offset + size + (-(offset + size)) % mmap.PAGESIZE)
+        raw.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def write(self, t: torch.Tensor) -> tuple[int, int]:
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = self.used
+        self._reserve(offset + data.size)
+        self.map[offset: offset + data.size] = data
+        self._release(offset, data.size)
+        self.used += data.size
+        return offset, data.size
+
+    def read(self, offset: int, size: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        data = np.array(self.map[offset: offset + size])
+        self._release(offset, size)
+        return torch.from_numpy(data).view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.map = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        if not self.given:
+            self.path = None
+        self.used = 0
+
+
 class VisionCache:
     """Vision-encoder outputs per image, reused by every evaluation of a run.
 
     The ViT is frozen in every experiment and evaluation does not augment, so an image's encoder output
     never changes. What is stored is the encoder's last hidden state BEFORE `post_layernorm`: that layer
     norm trains in every experiment, so it (and the Q-Former) run live on the cached tensor.
-    Keyed by image path and size (all text-only questions share one blank image). `device='cpu'` keeps GPU
-    memory free (ViT-g: 257 x 1408 values per image); pass the model's device to avoid the copies.
+    Keyed by image path and size (all text-only questions share one blank image). Stored as evaluation uses
+    it, in the model's dtype (ViT-g in bf16: 257 x 1408 x 2 bytes = 0.7 MB per image), on `device` ('cpu'
+    keeps GPU memory free) up to `max_ram_bytes` (None: no limit); beyond that in a memory-mapped file,
+    `spill_path` (None: a temporary file), read back bit for bit. `close()` deletes the file.
     """
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", max_ram_bytes: int | None = None,
+                 spill_path: str | os.PathLike | None = None):
         self.device = torch.device(device)
+        self.max_ram_bytes = max_ram_bytes
         self._store: dict[str, torch.Tensor] = {}
+        self._spilled: dict[str, tuple[int, int, torch.dtype, torch.Size]] = {}
+        self._spill = _Spill(Path(spill_path) if spill_path is not None else None)
+        self.ram_bytes = 0
         self.hits = self.misses = 0
 
     @staticmethod
@@ -71,30 +160,63 @@ class VisionCache:
         where = "<blank>" if relative is None else str(Path(image_root or ".") / relative)
         return f"{where}@{image_size}"
 
+    @property
+    def spill_path(self) -> Path | None:
+        return self._spill.path
+
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._store) + len(self._spilled)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._store
+        return key in self._store or key in self._spilled
 
     def get(self, key: str) -> torch.Tensor:
         self.hits += 1
-        return self._store[key]
+        if key in self._store:
+            return self._store[key]
+        offset, size, dtype, shape = self._spilled[key]
+        return self._spill.read(offset, size, dtype, shape).to(self.device)
 
     def put(self, key: str, hidden: torch.Tensor) -> None:
         self.misses += 1
-        self._store[key] = hidden.detach().to(self.device)
+        hidden = hidden.detach()
+        size = hidden.numel() * hidden.element_size()
+        if self.max_ram_bytes is None or self.ram_bytes + size <= self.max_ram_bytes:
+            self._store[key] = hidden.to(self.device)
+            self.ram_bytes += size
+        else:
+            offset, size = self._spill.write(hidden.to("cpu"))
+            self._spilled[key] = (offset, size, hidden.dtype, hidden.shape)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
+        return self.ram_bytes + self.spilled_bytes
+
+    @property
+    def spilled_bytes(self) -> int:
+        return sum(size for _, size, _, _ in self._spilled.values())
+
+    def stats(self) -> dict:
+        """What the cache holds: images, bytes in RAM and in the spill file (for metrics.json)."""
+        n = len(self)
+        return {"images": n, "ram_bytes": self.ram_bytes, "spilled_bytes": self.spilled_bytes,
+                "bytes_per_image": self.nbytes() / n if n else None}
 
     def clear(self) -> None:
         self._store.clear()
+        self._spilled.clear()
+        self.ram_bytes = 0
+        self._spill.close()
+
+    close = clear
 
 
-def vision_cache_for(settings) -> VisionCache | None:
-    """The cache a run should create once and pass to each of its evaluations (None when switched off)."""
-    return VisionCache() if settings.eval_vision_cache else None
+def vision_cache_for(settings, spill_path: str | os.PathLike | None = None) -> VisionCache | None:
+    """The cache a run should create once and pass to each of its evaluations (None when switched off):
+    `eval_vision_cache_ram_gb` of RAM, then `spill_path` (a run directory's RunDir.vision_cache_file)."""
+    if not settings.eval_vision_cache:
+        return None
+    ram_gb = settings.get("eval_vision_cache_ram_gb")
+    return VisionCache(max_ram_bytes=None if ram_gb is None else int(ram_gb * 2**30), spill_path=spill_path)
 
 
 def _vision_encoder_frozen(base) -> bool:
@@ -113,6 +235,23 @@ def unwrap(model):
 def _model_device_dtype(base) -> tuple[torch.device, torch.dtype]:
     w = base.vision_model.embeddings.patch_embedding.weight
     return w.device, w.dtype
+
+
+def autocast_for(model, settings=None):
+    """The autocast evaluation runs under, whatever dtype mix the model is in: half-precision weights need
+    autocast of their type (the trained tensors are fp32); an fp32 model follows the run's mixed_precision
+    setting (so a run reloaded in its own dtypes computes as it did in training), and none on CPU under auto."""
+    from .model import AUTOCAST_DTYPES, resolve_precision
+
+    base = base_model(unwrap(model))
+    device, _ = _model_device_dtype(base)
+    dtypes = {p.dtype for p in base.parameters() if p.is_floating_point()}
+    half = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
+    if half is None and settings is not None and settings.get("mixed_precision") not in (None, "no"):
+        half = AUTOCAST_DTYPES.get(resolve_precision(settings["mixed_precision"], "auto", device).mixed_precision)
+    if half is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=half)
 
 
 def vit_hidden(base, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -185,7 +324,7 @@ def _pixel_values(records, image_root, transform) -> torch.Tensor:
 def _vit_outputs(base, records, image_root, transform, cache: VisionCache | None) -> torch.Tensor:
     device, dtype = _model_device_dtype(base)
     if cache is None:
-        return vit_hidden(base, _pixel_values(records, image_root, transform).to(device, dtype))
+        return vit_hidden(base, _pixel_values(records, image_root, transform).to(device, dtype)).to(dtype)
     keys = [VisionCache.key(image_root, r.get("image"), transform.image_size) for r in records]
     todo = {}
     for k, r in zip(keys, records):
@@ -193,7 +332,7 @@ def _vit_outputs(base, records, image_root, transform, cache: VisionCache | None
             todo[k] = r
     if todo:
         hidden = vit_hidden(base, _pixel_values(list(todo.values()), image_root, transform).to(device, dtype))
-        for k, h in zip(todo, hidden):
+        for k, h in zip(todo, hidden.to(dtype)):
             cache.put(k, h)
     return torch.stack([cache.get(k) for k in keys]).to(device, dtype)
 
@@ -267,7 +406,7 @@ def score_naive(model, processor, records, image_root, dataset, settings, family
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_for(model, settings):
             out_scores = []
             for r in records:
                 batch = _encode([r], processor, dataset, settings)
@@ -340,8 +479,10 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
 
     settings: eval_mode ('rank' | 'generate'), eval_batch_size (questions per batch), max_eval_samples,
     max_txt_len (the Q-Former text), eval_max_txt_len (the LLM prompt), clean_prompt, llama_candidate_eos,
-    max_output_txt_len, image_size. `vision_cache`: a VisionCache kept across a run's
+    max_output_txt_len, image_size, mixed_precision. `vision_cache`: a VisionCache kept across a run's
     evaluations (create it once; see vision_cache_for); ignored, with a warning, if the ViT trains.
+    Any dtype mix works (bf16/fp16 base weights with fp32 trained tensors): evaluation applies autocast itself
+    (autocast_for).
     """
     if family not in ("t5", "llama"):
         raise UserError(f"unknown LLM family '{family}' (expected 't5' or 'llama')")
@@ -368,7 +509,7 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
     try:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(records), desc=f"eval ({mode})", unit="q", disable=not progress, leave=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_for(model, settings):
             for lo in range(0, len(order), size):
                 idx = order[lo: lo + size]
                 batch = _Batch([records[i] for i in idx], [encoded.prompts[i] for i in idx],

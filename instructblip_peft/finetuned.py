@@ -23,7 +23,7 @@ from .hf_hub import fetch
 from .io import atomic_dir
 from .importance import full_rank_adapter
 from .lora import base_model, keep_int8_state, non_lora_trainable, quiet_peft_deprecations
-from .model import default_dtype, is_quantized, load_model, load_preset
+from .model import DTYPES, is_quantized, load_model, load_preset, resolve_precision
 
 
 def write_finetuned(run: RunDir, model) -> None:
@@ -41,11 +41,23 @@ def _adapter_dir(run: RunDir) -> Path | None:
     return None
 
 
-def load_finetuned(output_dir, device: str | torch.device = "cpu"):
+def run_dtype(info: dict, device: torch.device | str) -> torch.dtype:
+    """The base weights' dtype a run trained with (run.json's precision); runs from before it was recorded:
+    what their settings resolve to on `device`."""
+    recorded = (info.get("precision") or {}).get("model_dtype")
+    if recorded in DTYPES:
+        return DTYPES[recorded]
+    settings = info.get("settings") or {}
+    return resolve_precision(settings.get("mixed_precision", "auto"), settings.get("model_dtype", "auto"), device).dtype
+
+
+def load_finetuned(output_dir, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, processor, run_info) of a finished run: the preset's base model (tiny presets rebuilt from
-    the recorded seed, real ones loaded from their source), the adapter and the trained tensors applied.
-    `output_dir` may also be an exported folder or its hub repo id (downloaded once, then cached).
-    The model is in eval mode; run_info["settings"] is a Settings."""
+    the recorded seed, real ones loaded from their source) loaded straight onto `device`, the adapter and the
+    trained tensors (fp32) applied. `output_dir` may also be an exported folder or its hub repo id (downloaded
+    once, then cached). `dtype`: the base weights' dtype; None: the one the run used, so that evaluate()
+    reproduces the recorded predictions exactly. Any dtype works with evaluate(), which applies autocast
+    itself. The model is in eval mode; run_info["settings"] is a Settings."""
     from peft import PeftModel
 
     run = RunDir(fetch(output_dir))
@@ -56,13 +68,11 @@ def load_finetuned(output_dir, device: str | torch.device = "cpu"):
     preset = load_preset(info["preset"])
     exp = get_experiment(info["experiment"])
     device = torch.device(device)
-    dtype = torch.float32 if device.type == "cpu" else default_dtype(device)
+    dtype = dtype or run_dtype(info, device)
     merged = bool(info.get("merged"))  # `export --merged`: LoRA and trained tensors are in the checkpoint
     quantize = "none" if merged else info["settings"].get("quantize", "none")
-    # A quantized LLM is loaded straight onto the device (bitsandbytes weights are not moved later).
     model, processor = load_model(preset, source=str(run.path) if merged else info.get("model_source"),
-                                  dtype=dtype, device=device if quantize != "none" else "cpu",
-                                  seed=info.get("model_seed", 0), quantize=quantize)
+                                  dtype=dtype, device=device, seed=info.get("model_seed", 0), quantize=quantize)
     if exp.train and exp.has_lora and not merged:
         adapter = _adapter_dir(run)
         if adapter is None:
@@ -79,7 +89,7 @@ def load_finetuned(output_dir, device: str | torch.device = "cpu"):
         with torch.no_grad():
             for name, t in tensors.items():
                 # Trained tensors were fp32 in training (even on a bf16/fp16 base): keep them so.
-                params[name].data = t.to(torch.float32)
+                params[name].data = t.to(device, torch.float32)
     model = (model if is_quantized(base_model(model)) else model.to(device)).eval()
     info = dict(info, settings=Settings(info["settings"]))
     return model, processor, info

@@ -1,9 +1,11 @@
 """Model presets: the real InstructBLIP checkpoints, and tiny random miniatures of the same classes."""
 from __future__ import annotations
 
+import functools
 import json
 import string
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import load_yaml, params_dir
+from .config import check_precision, load_yaml, params_dir
 from .errors import UserError
 
 IMAGE_TOKEN = "<image>"
@@ -165,14 +167,91 @@ def _tiny_processor(preset: dict) -> InstructBlipProcessor:
                                  num_query_tokens=t["num_query_tokens"])
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- precision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: `mixed_precision` is the autocast of training and evaluation ('no', 'bf16' or
+    'fp16'; fp16 adds loss scaling), `dtype` the frozen base weights. Trained tensors are always fp32."""
+    mixed_precision: str
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    def to_dict(self) -> dict:
+        return {"mixed_precision": self.mixed_precision, "model_dtype": self.dtype_name}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_supports_fp16() -> bool:
+    """Whether this CPU build runs an fp16 matmul under autocast, forward and backward (no RNG drawn)."""
+    try:
+        x = torch.ones(2, 8, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = torch.nn.functional.linear(x, torch.ones(8, 8, dtype=torch.float16))
+        y.float().sum().backward()
+        return y.dtype == torch.float16 and x.grad is not None
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def resolve_precision(mixed_precision: str = "auto", model_dtype: str = "auto",
+                      device: torch.device | str = "cpu") -> Precision:
+    """The settings `mixed_precision` and `model_dtype` on `device`. mixed_precision auto: bf16 on GPUs that
+    support it, else fp16; no autocast on CPU. model_dtype auto: fp32 without autocast, else the autocast's
+    type. Any mode runs on CPU too (bf16 there is the dtype mix of a bf16 GPU run)."""
+    device = torch.device(device)
+    mode = mixed_precision
+    if mode == "auto":
+        if device.type != "cuda":
+            mode = "no"
+        else:
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode not in ("no", *AUTOCAST_DTYPES):
+        raise UserError(f"setting 'mixed_precision' must be one of auto, no, bf16, fp16, got {mixed_precision!r}")
+    if model_dtype == "auto":
+        dtype = AUTOCAST_DTYPES.get(mode, torch.float32)
+    elif model_dtype in DTYPES:
+        dtype = DTYPES[model_dtype]
+    else:
+        raise UserError(f"setting 'model_dtype' must be one of auto, {', '.join(DTYPES)}, got {model_dtype!r}")
+    check_precision(mode, next(k for k, v in DTYPES.items() if v == dtype))
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("setting 'mixed_precision' bf16: this GPU does not support bf16; use fp16 (or auto)")
+    if mode == "fp16" and device.type == "cpu" and not cpu_supports_fp16():
+        raise UserError("setting 'mixed_precision' fp16: this CPU's PyTorch cannot run fp16 matmuls under autocast; "
+                        "use bf16 or no on CPU")
+    return Precision(mode, dtype)
+
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (model_dtype auto with mixed_precision auto)."""
+    return resolve_precision("auto", "auto", device).dtype
+
+
+# ---------------------------------------------------------------- loading
+
+def _device_map(device: torch.device) -> dict:
+    """from_pretrained's device_map for one device: the weights go from the (memory-mapped) files straight to
+    it, so a GPU load never holds a full copy of the model in CPU RAM."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"": device}
+
+
+def load_processor(source: str) -> InstructBlipProcessor:
+    """The checkpoint's processor with the PIL image backend, whatever else is installed: transformers 5 picks
+    torchvision when it can, which resizes differently from PIL (and from the original and the tests)."""
+    processor = InstructBlipProcessor.from_pretrained(source, backend="pil")
+    if type(processor.image_processor) is not BlipImageProcessorPil:
+        processor.image_processor = BlipImageProcessorPil.from_pretrained(source)
+    return processor
 
 
 def quantization_config(quantize: str, compute_dtype: torch.dtype):
@@ -202,10 +281,11 @@ def is_quantized(model) -> bool:
 def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", seed: int = 0, quantize: str = "none",
                llm_source: str | None = None):
-    """Return (model, processor) for a preset.
+    """Return (model, processor) for a preset, the model on `device` in `dtype` (default: default_dtype).
 
     Real presets (and any preset given `source`) load with from_pretrained from a hub id or a local
-    directory written by save_pretrained. Tiny presets without `source` are built randomly (seeded).
+    directory written by save_pretrained, straight onto `device`. Tiny presets without `source` are built
+    randomly (seeded). The image processor is always PIL's (load_processor).
     `quantize` (4bit | 8bit) loads the LLM through bitsandbytes, straight onto `device`; a tiny preset is
     then built, written with save_pretrained to a temporary directory and loaded back the same way, so
     it takes the real presets' path.
@@ -213,6 +293,7 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
     (see swap_language_model).
     """
     preset = load_preset(preset) if isinstance(preset, str) else preset
+    device = torch.device(device)
     dtype = dtype or default_dtype(device)
     src = source or preset.get("source")
     llm_src = preset.get("llm_source") if llm_source is None else llm_source  # "": no swap
@@ -242,10 +323,12 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
         if source and not Path(source).exists() and "/" not in source:
             raise UserError(f"model source '{source}' is neither a local directory nor a hub id")
         quant = quantization_config(quantize, dtype)
-        kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": str(torch.device(device))}}
+        kwargs = {"device_map": _device_map(device)}
+        if quant is not None:
+            kwargs["quantization_config"] = quant
         try:
             model = InstructBlipForConditionalGeneration.from_pretrained(src, dtype=dtype, **kwargs)
-            processor = InstructBlipProcessor.from_pretrained(src)
+            processor = load_processor(src)
         except OSError as e:  # transformers turns hub/network/cache errors into OSError
             local = Path(src).exists()
             fix = ("check that it holds save_pretrained() output" if local else
@@ -274,12 +357,14 @@ def load_model(preset: dict | str, source: str | None = None, dtype: torch.dtype
     return model.to(device), processor
 
 
-def _load_language_model(src: str, family: str, dtype: torch.dtype):
+def _load_language_model(src: str, family: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     cls = AutoModelForCausalLM if family == "llama" else AutoModelForSeq2SeqLM
     try:
-        return cls.from_pretrained(src, dtype=dtype), AutoTokenizer.from_pretrained(src)
+        # Straight onto the InstructBLIP model's device, like the model itself: no full copy in CPU RAM.
+        return (cls.from_pretrained(src, dtype=dtype, device_map=_device_map(device)),
+                AutoTokenizer.from_pretrained(src))
     except (OSError, ValueError, ImportError) as e:  # hub/network/cache errors; another kind of checkpoint
         local = Path(src).exists()
         fix = ("check that it holds a language model and its tokenizer written by save_pretrained()" if local
@@ -299,7 +384,7 @@ def swap_language_model(model, processor, llm_source: str) -> None:
     other weight must match in name and shape. The InstructBLIP config (and tokenizer) stay.
     """
     lm = model.language_model
-    donor, donor_tok = _load_language_model(llm_source, family_of(model), lm.dtype)
+    donor, donor_tok = _load_language_model(llm_source, family_of(model), lm.dtype, lm.device)
     where = f"llm_source '{llm_source}'"
     for key in ("num_attention_heads", "num_key_value_heads", "num_heads"):
         mine, theirs = getattr(lm.config, key, None), getattr(donor.config, key, None)

@@ -184,7 +184,9 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
     """Check everything a run needs before any notebook starts (unknown dataset/ID/preset/setting,
     missing processed data) and return what to execute. The overrides are validated here, as train()
     resolves them, and travel on typed."""
-    from .model import preset_for
+    import torch
+
+    from .model import preset_for, resolve_precision
 
     check_dataset(dataset)
     exp = get_experiment(experiment)
@@ -193,6 +195,7 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
     settings = resolve_settings(dataset, exp, preset_dict, overrides)  # what train() sees: fails here, not in a kernel
     check_method(exp, settings)
     check_tracker(settings.report_to)
+    resolve_precision(settings.mixed_precision, settings.model_dtype, "cuda" if torch.cuda.is_available() else "cpu")
     processed = processed_root(processed_dir)
     if not (processed / dataset / MANIFEST).is_file():
         raise UserError(f"no processed {dataset} data in {processed / dataset}: run "

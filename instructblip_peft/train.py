@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import random
 import resource
 import shutil
@@ -44,13 +45,13 @@ from .finetuned import write_finetuned
 from .importance import method_state
 from .io import atomic_dir, atomic_path, read_json, remove_dir, write_json, write_jsonl, write_text
 from .lora import apply_experiment, base_model, trainable_parameters
-from .model import default_dtype, family_of, load_model, preset_for, set_gradient_checkpointing
+from .model import family_of, load_model, preset_for, resolve_precision, set_gradient_checkpointing
 from .stop import StopRequest
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
 RESUME_SAFE_SETTINGS = {"num_workers", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
-                        "eval_vision_cache", "gradient_checkpointing", "report_to"}
+                        "eval_vision_cache", "eval_vision_cache_ram_gb", "gradient_checkpointing", "report_to"}
 
 
 class NonFiniteLossError(UserError):
@@ -82,13 +83,24 @@ def make_optimizer(model, settings, lr: float, device: torch.device) -> torch.op
                              fused=device.type == "cuda")
 
 
-def mixed_precision_mode(setting: str) -> str:
-    """'auto': bf16 where the GPU supports it, else fp16 (with loss scaling); no autocast on CPU."""
+def _enable_cpu_fp16(accelerator) -> None:
+    """accelerate runs fp16 autocast and loss scaling on GPUs only; on a CPU it would silently compute in fp32
+    (and fail on fp16 weights). Switch both on there as on a GPU (model.resolve_precision has checked that
+    this CPU runs fp16)."""
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
+def data_workers(setting, device: torch.device) -> int:
+    """num_workers 'auto': a few loader processes on CUDA (up to 4, one CPU left to the main process), so image
+    decoding and tokenisation overlap the GPU's step; none on CPU, where they would take the model's cores."""
     if setting != "auto":
         return setting
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus - 1))
 
 
 # ---------------------------------------------------------------- small helpers
@@ -131,6 +143,12 @@ def _check_resumable(run: RunDir, run_info: dict) -> None:
         if old.get(key) != run_info[key]:
             raise UserError(f"{output_dir} holds a run of {key} '{old.get(key)}', not '{run_info[key]}': "
                             "choose another output directory or pass force=True to start over")
+    if old.get("precision") not in (None, run_info["precision"]):
+        # The same settings ("auto") resolve differently on another machine (GPU vs CPU, bf16 vs fp16).
+        raise UserError(f"{output_dir} holds a checkpoint trained with precision {old['precision']}, here it would "
+                        f"be {run_info['precision']}: pass -p mixed_precision {old['precision']['mixed_precision']} "
+                        f"-p model_dtype {old['precision']['model_dtype']} to continue as it began, or force=True "
+                        "to start over")
     changed = sorted(k for k in set(old.get("settings", {})) | set(run_info["settings"])
                      if k not in RESUME_SAFE_SETTINGS and old["settings"].get(k) != run_info["settings"].get(k))
     if changed:
@@ -185,13 +203,17 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
     dataset_dir = Path(dataset_dir) if dataset_dir is not None else default_dataset_dir(dataset)
     run = RunDir(output_dir)
 
+    # Checked before anything is written: an impossible precision is one error line.
+    precision = resolve_precision(settings.mixed_precision, settings.model_dtype,
+                                  "cuda" if torch.cuda.is_available() else "cpu")
     # A fresh AcceleratorState lets one process (a notebook) run several trainings with different
     # precision settings; the PartialState (process group of `accelerate launch`) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision_mode(settings.mixed_precision),
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision,
                               gradient_accumulation_steps=settings.grad_accum_steps or 1,
                               cpu=not torch.cuda.is_available(),
                               log_with=tracking.log_with(settings.report_to), project_dir=str(run.path))
+    _enable_cpu_fp16(accelerator)
     # Under a sweep launcher, its preemption/time-limit signal stops training cleanly (stop.py).
     stop = StopRequest.from_environment(enabled=accelerator.num_processes == 1)
     try:
@@ -211,10 +233,11 @@ def train(dataset: str, experiment, output_dir, dataset_dir=None, preset: str | 
                           f"{metrics['test_accuracy']:.4f}); pass force=True to train again")
                 return metrics
             accelerator.wait_for_everyone()
+            job = _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress, stop)
             try:
-                return _Run(dataset, exp, preset_dict, settings, dataset_dir, run, accelerator, progress,
-                            stop).run()
+                return job.run()
             finally:
+                job.close()
                 tracking.finish_trackers(accelerator)
     except TrainingStopped as e:
         stop.exit_process(str(e))  # the lock is released: the requeued task may start at once
@@ -231,6 +254,8 @@ class _Run:
         self.dataset_dir, self.run_dir, self.acc = dataset_dir, run, accelerator
         self.progress = progress and accelerator.is_local_main_process
         self.device = accelerator.device
+        # bf16/fp16 base weights, fp32 trained tensors, autocast: the same dtype mix on any device.
+        self.precision = resolve_precision(settings.mixed_precision, settings.model_dtype, self.device)
         self.start_time = time.time()
         self.wall_offset = 0.0  # time spent by earlier, interrupted sessions of this run
         self.state: TrainState | None = None
@@ -244,6 +269,8 @@ class _Run:
                 "llm": self.exp.llm, "family": self.exp.family,
                 # Tiny presets are random models: this seed rebuilds the same base weights.
                 "model_seed": s.seed, "model_source": self.preset.get("source"),
+                # What "auto" resolved to here; load_finetuned rebuilds the model in this dtype.
+                "precision": self.precision.to_dict(),
                 "processed_dir": str(self.dataset_dir), "settings": dict(s)}
 
     def total_steps(self) -> int:
@@ -256,11 +283,10 @@ class _Run:
         return min(total, s.max_steps) if s.max_steps else total
 
     def build_model(self):
-        dtype = torch.float32 if self.device.type == "cpu" else default_dtype(self.device)
-        quantize = self.settings.quantize
-        # A quantized LLM is loaded straight onto the device (bitsandbytes weights are not moved later).
-        model, processor = load_model(self.preset, dtype=dtype, device=self.device if quantize != "none" else "cpu",
-                                      seed=self.settings.seed, quantize=quantize)
+        # Straight to the device: on a GPU the weights never pass through a full copy in CPU RAM (a quantized
+        # LLM must be loaded there anyway: bitsandbytes weights are not moved later).
+        model, processor = load_model(self.preset, dtype=self.precision.dtype, device=self.device,
+                                      seed=self.settings.seed, quantize=self.settings.quantize)
         # LoRA's initial A matrices are drawn from the global torch RNG (seeded randomly at start-up):
         # seeding it makes the starting point, and so the whole run, a function of the seed.
         torch.manual_seed(self.settings.seed)
@@ -304,8 +330,9 @@ class _Run:
         self.load_data()
         model, self.processor = self.build_model()
         self.family = family_of(base_model(model))
-        # One cache for the run: val and test images are encoded once, reused by every evaluation.
-        self.vision_cache = evaluation.vision_cache_for(self.settings)
+        # One cache for the run: val and test images are encoded once, reused by every evaluation. Beyond its
+        # RAM cap it spills to a file in the run directory, deleted when the run ends (close(), however it ends).
+        self.vision_cache = evaluation.vision_cache_for(self.settings, run.vision_cache_file(acc.process_index))
         info = {**self.run_info(), **run.launch_info()}  # the sweep tasks that ran it, kept across sessions
         if self.exp.train:
             if acc.is_main_process:
@@ -317,6 +344,10 @@ class _Run:
         elif acc.is_main_process:
             write_json(run.run_info_file, info)
         return self.finish(model)
+
+    def close(self) -> None:
+        if getattr(self, "vision_cache", None) is not None:
+            self.vision_cache.close()
 
     def fit(self, model) -> None:
         s, run, acc = self.settings, self.run_dir, self.acc
@@ -386,6 +417,9 @@ class _Run:
         bar = tqdm(total=s.max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        workers = data_workers(s.num_workers, self.device)
+        if workers:  # a forked worker cannot use tokenizers' threads (it would warn, then disable them)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         while state.stopped is None and state.epoch < s.epochs:
             if self.stop.requested:  # arrived during set-up or the last epoch's end: its checkpoint is current
                 raise self._stopped()
@@ -410,8 +444,10 @@ class _Run:
             if remaining and not reached_max:
                 # Its own generator: building the loader's iterator must not draw from the global torch RNG,
                 # or a resumed run's dropout masks would shift by one draw.
+                # Workers change nothing in the data: each item's augmentation is seeded by (seed, epoch, index).
                 loader = torch.utils.data.DataLoader(train_set, batch_sampler=remaining, collate_fn=collator,
-                                                     num_workers=s.num_workers, generator=torch.Generator())
+                                                     num_workers=workers, pin_memory=self.device.type == "cuda",
+                                                     generator=torch.Generator())
                 loader = acc.prepare(loader)
                 t0 = time.time()
                 epoch_from = rate_from = (t0, state.train_samples)   # samples/s over the log window / the epoch
@@ -574,6 +610,7 @@ class _Run:
             if state and state.train_time_s > 0 else None,
             "eval_questions_per_s": test.questions_per_s or None,
             "peak_memory_mb": _peak_memory_mb(self.device),
+            "eval_vision_cache": self.vision_cache.stats() if self.vision_cache is not None else None,
         }
         if acc.is_main_process:
             if state is not None:

@@ -95,11 +95,16 @@ def test_static_padding_pads_to_max_txt_len_and_keeps_labels():
             assert torch.equal(static["labels"], dynamic["labels"])
 
 
-def test_gpu_real_size_runs_tiny_on_cpu(tmp_path):
+def test_gpu_real_size_runs_tiny_on_cpu(tmp_path, capsys):
     bench = load("gpu_real_size")
     out = tmp_path / "gpu.json"
     bench.main(["--tiny", "--experiments", "32", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
                 "--json", str(out)])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "MFU" in table[0] and "largest batch 24 GB / 40 GB / 80 GB" in table[0]
+    rows = [line.split(" | ")[0:3] for line in table[1:]]
+    assert rows == [["| 32", "tiny-t5", "off"], ["| 32", "tiny-t5", "on"], ["| 64", "tiny-llama", "off"],
+                    ["| 64", "tiny-llama", "on"]]
     rows = json.loads(out.read_text())["results"]
     assert [r["experiment"] for r in rows] == ["32", "64"]
     for row in rows:
@@ -118,3 +123,16 @@ def test_gpu_real_size_refuses_real_size_on_cpu():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit):
         bench.main(["--experiments", "32"])
+
+
+def test_memory_benchmark_measures_loading_and_the_capped_cache(tmp_path):
+    bench = load("memory")
+    bench.save_model(tmp_path / "model", tiny=True, dtype_name="bfloat16")
+    loaded = bench.child_load(str(tmp_path / "model"), "bfloat16", "load_model")
+    assert loaded["checkpoint_bytes"] > 0 and loaded["peak_rss"] >= loaded["rss_before"] > 0
+    assert loaded["param_bytes"] >= loaded["checkpoint_bytes"] * 0.9 and loaded["checksum_finite"]
+    per_image = 17 * 64 * 2
+    cache = bench.child_cache(40, 10 * per_image, [17, 64], str(tmp_path / "eval_vision_cache.0.bin"))
+    assert cache["bytes_per_image"] == per_image
+    assert cache["ram_bytes"] == 10 * per_image and cache["spilled_bytes"] == 30 * per_image
+    assert cache["read_back_ok"] and cache["spill_removed"]

@@ -148,6 +148,36 @@ def test_save_pretrained_directory_loads_like_a_hub_id(preset, tmp_path, tiny):
         assert torch.equal(model(**batch).logits, loaded(**batch2).logits)
 
 
+def test_saved_model_preprocesses_images_with_pil_whatever_is_installed(tmp_path, tiny, monkeypatch):
+    """transformers 5 resolves a checkpoint's image processor to its torchvision variant when torchvision is
+    installed (as on Colab), which resizes differently. Stand in such a variant (bilinear instead of the
+    checkpoint's bicubic): the loaded processor is still PIL's, giving the tiny preset's pixels exactly."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, BlipImageProcessorPil
+
+    from instructblip_peft.data.batches import ImageTransform
+
+    model, processor = tiny["tiny-t5"]
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    class TorchvisionLike(BlipImageProcessorPil):
+        pass
+
+    def auto(source, *args, **kwargs):
+        return TorchvisionLike(**dict(processor.image_processor.to_dict(), resample=Image.BILINEAR))
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", auto)
+    loaded, loaded_proc = load_model("tiny-t5", source=str(tmp_path), dtype=torch.bfloat16)
+    assert type(loaded_proc.image_processor) is BlipImageProcessorPil
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    image = Image.fromarray(torch.randint(0, 256, (45, 61, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    pixels = [ImageTransform(p.image_processor, 32)(image) for p in (processor, loaded_proc)]
+    assert torch.equal(*pixels)
+    assert not torch.equal(pixels[0], ImageTransform(auto(None), 32)(image))  # the stand-in would differ
+
+
 def test_params_cli_all_64_consistent():
     out = subprocess.run([sys.executable, "-m", "instructblip_peft", "params", "1-64", "--json"],
                          capture_output=True, text=True, check=True).stdout

@@ -11,6 +11,7 @@ from PIL import Image
 from instructblip_peft.config import resolve_settings
 from instructblip_peft.data.batches import encode_prompts, pad, pad_id
 from instructblip_peft.data.prompts import render_prompt
+from instructblip_peft.errors import UserError
 from instructblip_peft.evaluate import (VisionCache, breakdown, evaluate, parse_choice, score_naive,
                                         vision_cache_for)
 from instructblip_peft.experiments import get_experiment
@@ -227,6 +228,43 @@ def test_custom_breakdown_is_empty_and_lengths_must_match():
 def test_vision_cache_follows_the_setting():
     assert isinstance(vision_cache_for(resolve_settings(overrides={"eval_vision_cache": True})), VisionCache)
     assert vision_cache_for(resolve_settings(overrides={"eval_vision_cache": False})) is None
+    capped = vision_cache_for(resolve_settings(overrides={"eval_vision_cache_ram_gb": 0.5}))
+    assert capped.max_ram_bytes == 2**29
+
+
+@pytest.mark.parametrize("ram_images", [0, 1])
+def test_vision_cache_beyond_its_ram_cap_spills_to_a_file_with_identical_scores(lora_model, tmp_path, ram_images):
+    model, processor, family, preset = lora_model
+    records = _records(tmp_path, seed=3)
+    settings = _settings(preset)
+    plain = evaluate(model, processor, records, tmp_path, "scienceqa", settings, family, progress=False)
+    in_ram = VisionCache()
+    evaluate(model, processor, records, tmp_path, "scienceqa", settings, family, vision_cache=in_ram, progress=False)
+    per_image = in_ram.nbytes() // len(in_ram)
+    spill = tmp_path / "run" / "eval_vision_cache.0.bin"
+    cache = VisionCache(max_ram_bytes=ram_images * per_image, spill_path=spill)
+    for _ in range(2):  # encoding (written to the file), then reading back from it
+        result = evaluate(model, processor, records, tmp_path, "scienceqa", settings, family, vision_cache=cache,
+                          progress=False)
+        assert result.predictions == plain.predictions  # scores bit for bit
+    assert cache.ram_bytes == ram_images * per_image
+    assert cache.spilled_bytes == (len(in_ram) - ram_images) * per_image and spill.stat().st_size > 0
+    cache.close()
+    assert not spill.exists() and len(cache) == 0
+
+
+def test_vision_cache_spill_on_a_full_disk_is_a_user_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cache = VisionCache(max_ram_bytes=0, spill_path=tmp_path / "spill.bin")
+    with pytest.raises(UserError, match=r"spill.bin: cannot write the evaluation vision cache \(No space left"):
+        cache.put("image@224", torch.zeros(3, 4))
+    cache.close()
 
 
 def test_vision_cache_is_not_used_while_the_vit_trains(tmp_path):

@@ -92,3 +92,30 @@ def test_force_starts_over(data, uninterrupted, tmp_path):
     assert metrics["global_steps"] == 2
     assert [r.split(",")[0] for r in (tmp_path / "train_log.csv").read_text().split()[1:]] == ["1", "2"]
     assert [s for s, _ in curves(tmp_path)["train/loss"]] == [1, 2]
+
+
+def test_data_loader_workers_change_nothing_and_resume_exactly(data, uninterrupted, tmp_path, monkeypatch):
+    """Two loader processes (what num_workers 'auto' gives on a GPU is a few): stopped mid-epoch right after a
+    checkpoint, as a kill would, and resumed with workers again, the run ends exactly like the uninterrupted
+    one that loaded its data in the main process."""
+    from instructblip_peft import checkpoint as ckpt
+
+    class Stop(BaseException):
+        pass
+
+    real, calls = ckpt.save_checkpoint, [0]
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:  # step 6: the middle of epoch 2 (checkpoints at steps 2, 4 = epoch 1's end, 6)
+            raise Stop
+
+    settings = dict(SETTINGS, num_workers=2)
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save_checkpoint", save_then_stop)
+        with pytest.raises(Stop):
+            train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **settings)
+    assert checkpoint_state(tmp_path)["global_step"] == 6 and checkpoint_state(tmp_path)["iterations_in_epoch"] == 2
+    train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **settings)
+    assert_same_run(final_state(tmp_path), uninterrupted)
