@@ -205,6 +205,7 @@ class _Run:
         self.device = accelerator.device
         self.start_time = time.time()
         self.wall_offset = 0.0  # time spent by earlier, interrupted sessions of this run
+        self.eval_time_s = 0.0  # this session's evaluations (val every epoch, test at the end)
         self.state: TrainState | None = None
 
     # ------------------------------------------------------------ setup
@@ -244,6 +245,7 @@ class _Run:
             result = evaluation.evaluate(model, self.processor, records, root, self.dataset, self.settings,
                                          self.family, vision_cache=self.vision_cache, progress=self.progress)
         model.train(was_training)
+        self.eval_time_s += result.wall_time_s
         return result
 
     # ------------------------------------------------------------ main
@@ -471,6 +473,8 @@ class _Run:
             "stopped": state.stopped if state else None,
             "history": state.history if state else [],
             "wall_time_s": self.wall_offset + time.time() - self.start_time,
+            "train_time_s": state.train_time_s if state else 0.0,   # training steps, all sessions
+            "eval_time_s": self.eval_time_s,                          # evaluations, this session
             "train_samples_per_s": (state.train_samples / state.train_time_s)
             if state and state.train_time_s > 0 else None,
             "eval_questions_per_s": test.questions_per_s or None,
