@@ -269,16 +269,18 @@ def run_demo(outputs_dir=None, datasets: list[str] | None = None, experiments: l
              overrides: dict | None = None, log=print) -> DemoResult:
     """`instructblip-peft demo`: the bundled sample preprocessed, every run of params/runner.yaml's `demo:`
     with the tiny preset, and the analysis, all under <outputs>/demo/. `datasets`, `experiments` and
-    `overrides` (added to the demo's) narrow it down. Runs are forced: the demo always shows what the
-    current code and sample give. `parallel_runs` notebooks execute at once; a failed run is reported and
-    the others go on."""
+    `overrides` (over the demo's `overrides` and `dataset_overrides`) narrow it down. Runs are forced: the
+    demo always shows what the current code and sample give. `parallel_runs` notebooks execute at once; a
+    failed run is reported and the others go on."""
     from .data.sample import ensure_sample
 
     demo = runner_settings()["demo"]
     root, processed = demo_root(outputs_dir), demo_processed_root(outputs_dir)
     datasets = [check_dataset(d) for d in (datasets or demo["datasets"])]
     ids = [get_experiment(str(i)).id for i in (experiments or demo["experiments"])]
-    overrides = validate_overrides({**(demo.get("overrides") or {}), **(overrides or {})})
+    settings = {d: validate_overrides({**(demo.get("overrides") or {}),
+                                       **((demo.get("dataset_overrides") or {}).get(d) or {}), **(overrides or {})})
+                for d in datasets}
     workers = max(1, int(demo.get("parallel_runs") or 1))
     progress = workers == 1  # progress bars of notebooks running side by side would garble each other
     ensure_sample()  # generated here, once: two preprocessing notebooks at once must not both write it
@@ -287,7 +289,7 @@ def run_demo(outputs_dir=None, datasets: list[str] | None = None, experiments: l
             log(f"preprocess {dataset} (bundled sample) into {processed / dataset}")
         # Every dataset preprocessed before any run starts; a failure here stops the demo.
         in_parallel(lambda d: execute_preprocess(d, processed_dir=processed, progress=progress), datasets, workers)
-        plans = [plan_run(d, i, demo["preset"], overrides, root, processed) for d in datasets for i in ids]
+        plans = [plan_run(d, i, demo["preset"], settings[d], root, processed) for d in datasets for i in ids]
         # Trained runs first, zero-shot (evaluation only, short) last: the workers then finish together.
         plans.sort(key=lambda p: not get_experiment(p.experiment).train)
         log(f"run {', '.join(datasets)}: {', '.join(ids)} with the {demo['preset']} preset, {workers} at a time")

@@ -125,7 +125,9 @@ def run_browser(runs, processed_dir: Path | None = None):
                 return
             index.max = len(records) - 1
             rec = records[min(index.value, index.max)]
-            print(f"{len(records)} test predictions{' answered wrongly' if only_wrong.value else ''}")
+            accuracy = 100 * sum(p["correct"] for p in preds.values()) / len(preds)
+            print(f"test accuracy {accuracy:.1f}% ({len(preds)} questions); showing {len(records)}"
+                  f"{' answered wrongly' if only_wrong.value else ''}")
             print(score_lines(rec, preds[rec["question_id"]]))
             fig = show_records([rec], image_root, dataset, preds, columns=1)
             display(fig)

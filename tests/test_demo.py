@@ -8,6 +8,7 @@ from pathlib import Path
 from instructblip_peft import runner
 from instructblip_peft.artifacts import browsable_runs, shown_outputs, shown_processed
 from instructblip_peft.data.sample import ensure_sample
+from instructblip_peft.display import score_lines
 
 from test_analysis import fake_run
 
@@ -79,3 +80,12 @@ def test_after_the_demo_00_and_04_find_its_runs_with_their_defaults(tmp_path, mo
     assert set(phases["preprocess"]) == {"scienceqa"} and list(phases["runs"]) == ["scienceqa 27"]
     run = phases["runs"]["scienceqa 27"]
     assert run["train_steps"] > 0 and run["eval"] > 0 and run["startup_02"] > 0 and phases["analysis"]["total"] > 0
+
+
+def test_the_predictions_browser_labels_each_score_with_its_choice():
+    record = {"choices": ["red", "blue", "green"], "answer_index": 2}
+    text = score_lines(record, {"scores": [4.25, 1.5, 2.0], "predicted": 1})
+    assert text.splitlines() == ["candidate scores (summed cross-entropy, lower wins):",
+                                 "  (a) red       4.250",
+                                 "  (b) blue      1.500  <- predicted",
+                                 "  (c) green     2.000  <- answer"]
