@@ -185,14 +185,14 @@ def shown_outputs(outputs_dir: str | os.PathLike | None = None) -> tuple[Path, s
     return demo_root(), demo_note(demo_root())
 
 
-def browsable_runs(outputs_dir: str | os.PathLike | None = None) -> tuple[list[RunDir], str]:
-    """The runs 00_explore's run browser lists, and a line about them: shown_outputs' runs; with the
-    default outputs_dir, real runs first and then the demo's."""
-    root, note = shown_outputs(outputs_dir)
+def browsable_runs(outputs_dir: str | os.PathLike | None = None) -> list[RunDir]:
+    """The runs 00_explore's run browser lists: shown_outputs' runs; with the default outputs_dir, real
+    runs first and then the demo's."""
+    root, _ = shown_outputs(outputs_dir)
     runs = run_dirs(root)
     if not outputs_dir and root != demo_root():
         runs += run_dirs(demo_root())
-    return runs, note
+    return runs
 
 
 def shown_processed(processed_dir: str | os.PathLike | None = None,
