@@ -6,10 +6,10 @@ from pathlib import Path
 
 from .artifacts import RunDir, is_demo_dir, run_dirs
 from .config import processed_root
-from .errors import UserError
 from .data.prompts import render_prompt
 from .data.records import MANIFEST, SPLITS, load_split
 from .display import describe_placement, read_predictions, score_lines, show_records
+from .errors import UserError
 
 
 # ---------------------------------------------------------------- ipywidgets browsers (notebook 00)
