@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from instructblip_peft import runner
+from instructblip_peft import cli, runner
 from instructblip_peft.artifacts import browsable_runs, shown_outputs, shown_processed
 from instructblip_peft.data.sample import ensure_sample
 from instructblip_peft.display import score_lines
@@ -50,6 +50,17 @@ def test_the_notebooks_show_the_demo_until_there_are_real_runs(tmp_path, monkeyp
     assert [r.path for r in browsable_runs()] == [outputs / "iconqa" / "15", demo / "scienceqa" / "27"]
     assert shown_processed() == work / "data" / "processed"
     assert shown_outputs(str(demo))[0] == demo                      # an outputs_dir given is shown as is
+
+
+def test_the_demo_ends_naming_the_notebook_to_open_next(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INSTRUCTBLIP_PEFT_WORKDIR", str(tmp_path))
+    demo = tmp_path / "outputs" / "demo"
+    fake_run(demo, "scienceqa", "27", 0.5)
+    (demo / "processed").mkdir()
+    monkeypatch.setattr(runner, "run_demo", lambda outputs, log: runner.DemoResult(demo, demo / "analysis", []))
+    assert cli.main(["demo"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "open notebooks/04_analysis.ipynb" in last and "outputs_dir" not in last   # its defaults show them
 
 
 def test_after_the_demo_00_and_04_find_its_runs_with_their_defaults(tmp_path, monkeypatch):
