@@ -35,9 +35,11 @@ bench: install
 	$(BIN)/python benchmarks/eval_vision_cache.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/gpu_real_size.py
+	$(BIN)/python benchmarks/demo_time.py
 
+# At the repository root: notebooks/ and outputs/ (the demo's executed notebooks) both in the file browser.
 lab: install
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)"
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -delete

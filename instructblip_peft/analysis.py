@@ -86,17 +86,33 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "finished"]
 
 
+SHARE_COLUMN = "trainable params, % of full Q-Former FT"
+SHARE_NOTE = (f"{SHARE_COLUMN}: a run's trainable parameters as a percentage of what InstructBLIP's own "
+              "fine-tuning trains (the whole Q-Former, query tokens, projection, ln_vision). LLM-LoRA IDs (1-12, "
+              "33-44) exceed 100%: the whole Q-Former trains there too, besides the LLM's LoRA.")
+# summary_table's numbers as results.md prints them (the Markdown table is what `analyze` shows).
+SUMMARY_FORMATS = {"val acc %": ".1f", "test acc %": ".1f", "trainable_params": ",.0f", SHARE_COLUMN: ".2f"}
+
+
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The readable table: one row per run, accuracies in percent."""
+    """The readable table: one row per run, accuracies in percent (one decimal), the trainable share in
+    percent of full Q-Former fine-tuning (SHARE_NOTE)."""
     cols = ["dataset", "experiment", "method", "llm", "label", "rank", "preset", "status", "val_accuracy", "test_accuracy",
             "trainable_params", "trainable_share"]
     out = df[cols].copy()
-    for c in ("val_accuracy", "test_accuracy", "trainable_share"):
-        out[c] = pd.to_numeric(out[c], errors="coerce") * 100
+    for c, decimals in (("val_accuracy", 1), ("test_accuracy", 1), ("trainable_share", 2)):
+        out[c] = (pd.to_numeric(out[c], errors="coerce") * 100).round(decimals)
     out = out.rename(columns={"val_accuracy": "val acc %", "test_accuracy": "test acc %",
-                              "trainable_share": "trainable % of full Q-Former"})
+                              "trainable_share": SHARE_COLUMN})
     out["rank"] = out["rank"].map(lambda r: "-" if r is None or (isinstance(r, float) and math.isnan(r)) else int(r))
     return out
+
+
+def summary_markdown(df: pd.DataFrame) -> str:
+    """summary_table as Markdown, with SHARE_NOTE under it."""
+    table = summary_table(df)
+    formats = [SUMMARY_FORMATS.get(c, "g") for c in table.columns]
+    return table.to_markdown(index=False, floatfmt=formats, intfmt=",") + f"\n\n{SHARE_NOTE}\n"
 
 
 def methods(df: pd.DataFrame) -> list[str]:
@@ -178,17 +194,20 @@ def plot_share(df: pd.DataFrame, metric: str = "test_accuracy"):
                 sns.scatterplot(data=lora, x="trainable share %", y="accuracy %", hue="label",
                                 size="rank" if lora["rank"].notna().any() else None, sizes=(30, 160),
                                 style="method" if many else None, ax=ax, legend="brief")
-                ax.set_xscale("log")
+                ax.set_xscale("log")  # only where there are points: an empty axis claims no scale
             for group, style in (("qformer-ft", "-"), ("zeroshot", ":")):
                 base = sel[(sel["group"] == group) & (sel["method"] == NO_METHOD)]
                 if not base.empty:
                     ax.axhline(float(base[metric].iloc[0]) * 100, color="black", ls=style, lw=1,
                                label=base["label"].iloc[0])
             ax.set_title(f"{ds} - {llm_label}")
-            ax.set_xlabel("trainable parameters, % of full Q-Former fine-tuning (log)")
+            ax.set_xlabel("trainable parameters, % of full Q-Former fine-tuning"
+                          + (" (log scale)" if ax.get_xscale() == "log" else ""))
             ax.set_ylabel("accuracy %")
-            if lora.empty and sel.empty:
+            if lora.empty and sel.empty:  # no scale to claim: no ticks either
                 ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
@@ -196,7 +215,8 @@ def plot_share(df: pd.DataFrame, metric: str = "test_accuracy"):
 
 
 def category_table(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """ScienceQA accuracy (%) per question category, one row per finished run."""
+    """ScienceQA accuracy (%) per question category, one row per finished run. Categories without a
+    question in any run (e.g. NO and TXT in the image-only subset) are left out."""
     sel = finished(df)
     sel = sel[sel["dataset"] == "scienceqa"]
     cols = [f"{split}:{c}" for c in SCIENCEQA_CATEGORIES]
@@ -206,7 +226,7 @@ def category_table(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
         for cat, col in zip(SCIENCEQA_CATEGORIES, cols):
             if col in r and pd.notna(r[col]):
                 out.loc[name, cat] = float(r[col]) * 100
-    return out
+    return out.dropna(axis=1, how="all")
 
 
 def _run_name(row) -> str:
@@ -215,7 +235,7 @@ def _run_name(row) -> str:
 
 
 def plot_categories(df: pd.DataFrame, split: str = "test"):
-    """ScienceQA category bars (NAT, SOC, LAN, TXT, IMG, NO, G1-6, G7-12) per finished run."""
+    """ScienceQA category bars (NAT, SOC, LAN, TXT, IMG, NO, G1-6, G7-12: those with questions) per finished run."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -249,19 +269,23 @@ def adalora_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
     return [read_adalora_ranks(d) for d in sel["run_dir"] if RunDir(d).adalora_ranks.is_file()]
 
 
-def write_report(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """results.csv (every column), results.md (the summary table), the three figures as PNG, and one
+FIGURES = {"heatmap": plot_heatmaps, "share": plot_share, "scienceqa_categories": plot_categories}
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path, figures: dict | None = None) -> dict[str, Path]:
+    """results.csv (every column), results.md (the summary table), the three figures as PNG (<name>.png for
+    each name of FIGURES; `figures`: those already drawn from `df`, by name, the rest are drawn here), and one
     sublayer-importance figure per AdaLoRA run (adalora_<dataset>_<run>.png)."""
     from .importance import importance_figure
-
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     write_text(paths["csv"], df.to_csv(index=False))
-    write_text(paths["markdown"], summary_table(df).to_markdown(index=False, floatfmt=".2f") + "\n")
-    for name, plot in (("heatmap", plot_heatmaps), ("share", plot_share), ("scienceqa_categories", plot_categories)):
-        fig = plot(df)
+    write_text(paths["markdown"], summary_markdown(df))
+    for name, plot in FIGURES.items():
+        fig = (figures or {}).get(name)
+        fig = plot(df) if fig is None else fig
         paths[name] = save_figure(fig, out_dir / f"{name}.png")
         plt.close(fig)
     for ranks in adalora_runs(df):

@@ -27,7 +27,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import load_yaml
+from .config import demo_processed_root, demo_root, load_yaml, outputs_root, processed_root
 from .errors import UserError
 from .io import complete_dir, read_json, remove_dir, write_json
 
@@ -146,6 +146,14 @@ class RunDir:
     def run_info(self) -> dict:
         return read_json(self.run_info_file, "run info (is this a run's output directory?)")
 
+    def dataset_dir(self) -> Path | None:
+        """The processed dataset the run used (run.json's processed_dir), when it still exists."""
+        try:
+            path = Path(self.run_info()["processed_dir"])
+        except (UserError, KeyError, TypeError):
+            return None
+        return path if path.is_dir() else None
+
     def finished_run_info(self) -> dict:
         """run.json of a finished run; a UserError when the run (or exported folder) is not finished."""
         info = self.run_info()
@@ -259,6 +267,59 @@ def run_dirs(outputs_dir: str | os.PathLike) -> list[RunDir]:
     known = set(registry())
     return [RunDir(p) for p in sorted(outputs_dir.glob("*/*"))
             if p.is_dir() and experiment_of(p.name) in known and any(p.iterdir())]
+
+
+# ---------------------------------------------------------------- what the notebooks show by default
+
+def is_demo_dir(path: str | os.PathLike) -> bool:
+    """An outputs directory written by `instructblip-peft demo` (<outputs>/demo/, beside its processed sample)."""
+    path = Path(path)
+    demo = load_yaml("runner.yaml")["demo"]
+    return path.name == demo["outputs_subdir"] and (path / demo["processed_subdir"]).is_dir()
+
+
+def demo_note(path: str | os.PathLike) -> str:
+    return (f"These are the demo's runs (tiny random models on the bundled sample), from {path}. To show "
+            "other runs, set outputs_dir in the parameters cell.")
+
+
+def shown_outputs(outputs_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """The runs directory a notebook shows, and a line to print about it ("" for none).
+
+    `outputs_dir` when given. Else outputs_dir of params/paths.yaml when it holds runs; when it holds none
+    but the demo has run, the demo's runs (they are never mixed into an analysis of real runs)."""
+    if outputs_dir:
+        root = outputs_root(outputs_dir)
+        return root, demo_note(root) if is_demo_dir(root) else ""
+    root = outputs_root()
+    if run_dirs(root) or not run_dirs(demo_root()):
+        return root, ""
+    return demo_root(), demo_note(demo_root())
+
+
+def browsable_runs(outputs_dir: str | os.PathLike | None = None) -> list[RunDir]:
+    """The runs 00_explore's run browser lists: shown_outputs' runs; with the default outputs_dir, real
+    runs first and then the demo's."""
+    root, _ = shown_outputs(outputs_dir)
+    runs = run_dirs(root)
+    if not outputs_dir and root != demo_root():
+        runs += run_dirs(demo_root())
+    return runs
+
+
+def shown_processed(processed_dir: str | os.PathLike | None = None,
+                    outputs_dir: str | os.PathLike | None = None) -> Path:
+    """The processed data 00_explore browses: `processed_dir` when given; else processed_dir of
+    params/paths.yaml when it holds a dataset, or else the demo's processed sample when the demo has run."""
+    from .data.records import DATASETS, MANIFEST
+
+    if processed_dir:
+        return processed_root(processed_dir)
+    root, demo = processed_root(), demo_processed_root(outputs_dir)
+    if any((root / d / MANIFEST).is_file() for d in DATASETS) or \
+            not any((demo / d / MANIFEST).is_file() for d in DATASETS):
+        return root
+    return demo
 
 
 class RunLock:

@@ -155,32 +155,20 @@ def cmd_demo(args) -> int:
     import time
 
     from . import runner
-    from .config import load_yaml, outputs_root
-    from .data.sample import ensure_sample
+    from .artifacts import notebook_name, shown_outputs
 
-    demo = load_yaml("runner.yaml")["demo"]
-    outputs = outputs_root(args.outputs) / demo["outputs_subdir"]
-    # The demo's processed sample lives with its runs, so it never replaces real processed data.
-    processed = outputs / demo["processed_subdir"]
     start = time.monotonic()
-    for dataset in demo["datasets"]:
-        print(f"preprocess {dataset} (bundled sample) into {processed / dataset}", flush=True)
-        runner.execute_preprocess(dataset, ensure_sample() / dataset, processed_dir=processed)  # never a real download
-    ids = ",".join(str(i) for i in demo["experiments"])
-    failed = []
-    for dataset in demo["datasets"]:
-        print(f"run {dataset} {ids} with the {demo['preset']} preset", flush=True)
-        # force: the demo always shows what the current code and sample give, never an older demo's runs.
-        result = runner.sweep(dataset, ids, demo["preset"], demo.get("overrides") or {}, outputs, processed,
-                              force=True)
-        failed += [(dataset, i, m) for i, m in result.failed]
-    print("analysis", flush=True)
-    out = runner.analyze(outputs)
-    _print_results(out)
+    result = runner.run_demo(args.outputs, log=lambda line: print(line, flush=True))
+    _print_results(result.analysis_dir)
     print(f"demo took {time.monotonic() - start:.0f} s")
-    for dataset, exp_id, message in failed:
+    # With their defaults the notebooks show the demo's runs, unless it ran elsewhere or real runs exist.
+    where = "" if shown_outputs()[0] == result.outputs_dir else \
+        f" with outputs_dir = \"{result.outputs_dir}\" in its parameters cell"
+    print(f"next: open notebooks/{notebook_name('analysis')} in JupyterLab (`make lab`) and Run All{where}: "
+          f"these runs' table and figures; notebooks/{notebook_name('explore')} browses their predictions")
+    for dataset, exp_id, message in result.failed:
         print(f"failed {dataset} {exp_id}: {message}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if result.failed else 0
 
 
 # ---------------------------------------------------------------- use and share a fine-tuned model

@@ -130,6 +130,51 @@ def load_yaml(name: str) -> dict:
     return data
 
 
+# ---------------------------------------------------------------- model presets (presets.yaml)
+# Here rather than in model.py, so that planning a run (the CLI, the runner) needs no torch.
+
+PRESET_FIELDS = ("llm", "family", "source", "llm_source", "architecture", "train", "method_train", "data", "tiny")
+
+
+def load_preset(name: str) -> dict:
+    presets = load_yaml("presets.yaml")
+    if name not in presets:
+        raise UserError(f"unknown preset '{name}'. Valid presets: {', '.join(presets)}")
+    preset = presets[name]
+    if not isinstance(preset, dict):
+        raise UserError(f"presets.yaml: preset '{name}' must be a mapping")
+    unknown = [k for k in preset if k not in PRESET_FIELDS]
+    if unknown:
+        raise UserError(f"presets.yaml: preset '{name}' has unknown field '{unknown[0]}' "
+                        f"(valid: {', '.join(PRESET_FIELDS)})")
+    for key in ("source", "llm_source"):
+        if preset.get(key) is not None and not (isinstance(preset[key], str) and preset[key].strip()):
+            raise UserError(f"presets.yaml: preset '{name}': '{key}' must be a hub id or a directory, "
+                            f"got {preset[key]!r}")
+    return {"name": name, **preset}
+
+
+def preset_names() -> list[str]:
+    return list(load_yaml("presets.yaml"))
+
+
+def preset_for(experiment, preset: str | None) -> dict:
+    """The preset to run `experiment` with. None/'auto': the real model of its LLM; 'tiny': the
+    miniature of its family. A preset of the other LLM family is an error."""
+    presets = load_yaml("presets.yaml")
+    if preset in (None, "", "auto"):
+        name = next(n for n, p in presets.items() if p.get("llm") == experiment.llm and "source" in p)
+    elif preset == "tiny":
+        name = next(n for n, p in presets.items() if p.get("family") == experiment.family and "tiny" in p)
+    else:
+        name = preset
+    p = load_preset(name)
+    if p["family"] != experiment.family:
+        raise UserError(f"experiment {experiment.id} uses {experiment.llm} ({experiment.family}); preset "
+                        f"'{name}' is a {p['family']} model. Use a {experiment.family} preset or 'tiny'/'auto'.")
+    return p
+
+
 # Settings whose default is null still have a type; it is declared here once rather than guessed.
 NULLABLE_TYPES = {
     "epochs": int, "learning_rate": float, "batch_size": int, "grad_accum_steps": int,
@@ -334,3 +379,13 @@ def run_dir(dataset: str, experiment: str, outputs_dir: str | os.PathLike | None
 def analysis_dir(outputs_dir: str | os.PathLike | None = None) -> Path:
     """<outputs>/<analysis_subdir of runner.yaml>/: the results table and figures."""
     return outputs_root(outputs_dir) / load_yaml("runner.yaml")["analysis_subdir"]
+
+
+def demo_root(outputs_dir: str | os.PathLike | None = None) -> Path:
+    """<outputs>/<demo outputs_subdir of runner.yaml>/: the demo's runs, apart from real ones."""
+    return outputs_root(outputs_dir) / load_yaml("runner.yaml")["demo"]["outputs_subdir"]
+
+
+def demo_processed_root(outputs_dir: str | os.PathLike | None = None) -> Path:
+    """<outputs>/demo/<processed_subdir>/: the demo's processed sample, never over real processed data."""
+    return demo_root(outputs_dir) / load_yaml("runner.yaml")["demo"]["processed_subdir"]

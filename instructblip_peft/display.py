@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .accounting import account
 from .artifacts import RunDir
 from .data.prompts import LETTERS
 
@@ -17,6 +16,8 @@ from .data.prompts import LETTERS
 def lora_placement(experiment, preset: str | None = "tiny") -> tuple[pd.DataFrame, dict]:
     """Modules that get LoRA, grouped over layer numbers, and the parameter counts, for `experiment` on
     `preset` (built on the meta device: no download, no memory)."""
+    from .accounting import account  # torch, transformers, peft: only the notebooks that count need them
+
     counts = account(experiment, preset, placement=True)
     table = pd.DataFrame([{"LoRA on": k, "modules": v} for k, v in counts.pop("lora_modules").items()],
                          columns=["LoRA on", "modules"])
@@ -50,31 +51,59 @@ def record_text(record: dict, dataset: str, prediction: dict | None = None, widt
 
 def show_records(records: list[dict], image_root: Path, dataset: str, predictions: dict | None = None,
                  columns: int = 4, title: str | None = None):
-    """A grid: each record's image (or 'no image') above its question and choices."""
+    """A grid: each record's image (framed; or 'no image') with its question and choices right below."""
     import matplotlib.pyplot as plt
     from PIL import Image
 
     n = max(len(records), 1)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 4.2 * rows), squeeze=False)
+    texts = [record_text(rec, dataset, (predictions or {}).get(rec["question_id"])) for rec in records]
+    # Each row: a square image, then a text panel as tall as the row's longest text (monospace 7.5 pt lines).
+    lines = [max((t.count("\n") + 1 for t in texts[r * cols:(r + 1) * cols]), default=1) for r in range(rows)]
+    side, line = 2.4, 0.135
+    ratios = [h for r in range(rows) for h in (side, line * lines[r] + 0.05)]
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3.2 * cols, sum(ratios) + 0.35 * rows + (0.4 if title else 0)),
+                             squeeze=False, gridspec_kw={"height_ratios": ratios})
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, rec in zip(axes.flat, records):
+    for k, (rec, text) in enumerate(zip(records, texts)):
+        ax, text_ax = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
         if rec.get("image"):
             with Image.open(Path(image_root) / rec["image"]) as im:
                 ax.imshow(im.convert("RGB"))
+            # A frame shows where a picture with a white background ends; left-aligned with its text.
+            ax.set_anchor("W")
+            ax.set_axis_on()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("#cccccc")
         else:
             ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes, color="gray")
         pred = (predictions or {}).get(rec["question_id"])
         head = rec["question_id"] if pred is None else f"{rec['question_id']}: {'right' if pred['correct'] else 'wrong'}"
         ax.set_title(head, fontsize=9, color="black" if pred is None or pred["correct"] else "firebrick")
-        ax.text(0, -0.04, record_text(rec, dataset, pred), transform=ax.transAxes, va="top", fontsize=7.5,
-                family="monospace")
+        text_ax.text(0, 1, text, transform=text_ax.transAxes, va="top", ha="left", fontsize=7.5, family="monospace")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=0.2)
     return fig
+
+
+def score_lines(record: dict, prediction: dict) -> str:
+    """A prediction's candidates with their scores (ranking: summed cross-entropy, lower wins) or its
+    generated text, marking the predicted and the true answer."""
+    if not prediction.get("scores"):
+        return f"generated answer: {prediction.get('generated')!r}"
+    choices = [textwrap.shorten(f"({LETTERS[i]}) {c}", 40) for i, c in enumerate(record["choices"])]
+    width = max(len(c) for c in choices)
+    out = ["candidate scores (summed cross-entropy, lower wins):"]
+    for i, (choice, score) in enumerate(zip(choices, prediction["scores"])):
+        marks = [m for m, on in (("predicted", i == prediction["predicted"]), ("answer", i == record["answer_index"]))
+                 if on]
+        out.append(f"  {choice:<{width}}  {score:8.3f}" + (f"  <- {' and '.join(marks)}" if marks else ""))
+    return "\n".join(out)
 
 
 def read_predictions(run_dir: Path, split: str = "test") -> dict[str, dict]:

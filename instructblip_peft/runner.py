@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import RunDir
-from .config import (PARAMS_ENV, WORKDIR_ENV, analysis_dir, load_yaml, notebooks_dir, outputs_root, params_dir,
-                     processed_root, resolve_settings, run_dir, validate_overrides, work_dir)
+from .config import (PARAMS_ENV, WORKDIR_ENV, analysis_dir, demo_processed_root, demo_root, load_yaml,
+                     notebooks_dir, outputs_root, params_dir, preset_for, processed_root, resolve_settings, run_dir,
+                     validate_overrides, work_dir)
 from .data.records import DATASETS, MANIFEST
 from .errors import UserError
 from .data.preprocess import HUB_PREFIX, check_raw
@@ -184,10 +187,9 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
     """Check everything a run needs before any notebook starts (unknown dataset/ID/preset/setting,
     missing processed data) and return what to execute. The overrides are validated here, as train()
     resolves them, and travel on typed."""
-    import torch
+    import torch  # only to know whether this machine has a GPU (what "auto" precision means here)
 
-    from .model import preset_for, resolve_precision
-
+    from .model import resolve_precision
     check_dataset(dataset)
     exp = get_experiment(experiment)
     preset_dict = preset_for(exp, preset)  # a preset of the wrong family is an error now, not 30 s into a kernel
@@ -207,7 +209,6 @@ def plan_run(dataset: str, experiment: str, preset: str | None = "auto", overrid
 def is_done(plan: RunPlan) -> bool:
     """The run is finished, by the plan's preset, with both executed notebooks: `run` skips it. A finished
     run of another preset is an error (check_identity)."""
-    from .model import preset_for
 
     run = plan.run
     if not run.is_finished():
@@ -309,3 +310,108 @@ def analyze(outputs_dir=None, progress: bool = True) -> Path:
     out = analysis_dir(outputs_dir)
     execute("analysis", out / runner_settings()["notebooks"]["analysis"], {"outputs_dir": str(root)}, progress)
     return out
+
+
+# ---------------------------------------------------------------- the demo
+
+@dataclass
+class DemoResult:
+    outputs_dir: Path                            # <outputs>/demo/: its runs
+    analysis_dir: Path
+    failed: list = field(default_factory=list)   # (dataset, id, message)
+
+
+def run_demo(outputs_dir=None, datasets: list[str] | None = None, experiments: list | None = None,
+             overrides: dict | None = None, log=print) -> DemoResult:
+    """`instructblip-peft demo`: the bundled sample preprocessed, every run of params/runner.yaml's `demo:`
+    with the tiny preset, and the analysis, all under <outputs>/demo/. `datasets`, `experiments` and
+    `overrides` (over the demo's `overrides` and `dataset_overrides`) narrow it down. Runs are forced: the
+    demo always shows what the current code and sample give. `parallel_runs` notebooks execute at once; a
+    failed run is reported and the others go on."""
+    from .data.sample import ensure_sample
+
+    demo = runner_settings()["demo"]
+    root, processed = demo_root(outputs_dir), demo_processed_root(outputs_dir)
+    datasets = [check_dataset(d) for d in (datasets or demo["datasets"])]
+    ids = [get_experiment(str(i)).id for i in (experiments or demo["experiments"])]
+    settings = {d: validate_overrides({**(demo.get("overrides") or {}),
+                                       **((demo.get("dataset_overrides") or {}).get(d) or {}), **(overrides or {})})
+                for d in datasets}
+    workers = max(1, int(demo.get("parallel_runs") or 1))
+    progress = workers == 1  # progress bars of notebooks running side by side would garble each other
+    sample = ensure_sample()  # generated here, once: two preprocessing notebooks at once must not both write it
+    with _threads_per_kernel(workers):
+        for dataset in datasets:
+            log(f"preprocess {dataset} (bundled sample) into {processed / dataset}")
+        # Every dataset preprocessed before any run starts; a failure here stops the demo.
+        # The sample's folders explicitly: without raw_dir, preprocess would take a finished real download.
+        in_parallel(lambda d: execute_preprocess(d, sample / d, processed_dir=processed, progress=progress),
+                    datasets, workers)
+        plans = [plan_run(d, i, demo["preset"], settings[d], root, processed) for d in datasets for i in ids]
+        # Trained runs first, zero-shot (evaluation only, short) last: the workers then finish together.
+        plans.sort(key=lambda p: not get_experiment(p.experiment).train)
+        log(f"run {', '.join(datasets)}: {', '.join(ids)} with the {demo['preset']} preset, {workers} at a time")
+
+        def one(numbered):
+            n, plan = numbered
+            name = f"[{n}/{len(plans)}] {plan.dataset} {plan.experiment}"
+            start = time.monotonic()
+            log(f"{name}: {plan.directory}")
+            try:
+                execute_run(plan, force=True, progress=progress)
+            except UserError as e:
+                log(f"{name}: FAILED: {e}")
+                return plan.dataset, plan.experiment, str(e)
+            log(f"{name}: done ({time.monotonic() - start:.0f} s)")
+            return None
+
+        failed = [f for f in in_parallel(one, list(enumerate(plans, 1)), workers) if f]
+    log("analysis")
+    return DemoResult(root, analyze(root, progress=progress), failed)
+
+
+def in_parallel(fn, items: list, workers: int) -> list:
+    """[fn(item) for item in items], `workers` at a time (threads: each waits on its notebook's kernel).
+    The first exception stops the taking of new items and is raised once the running ones end. The threads
+    are daemons, so Ctrl-C ends the process at once, as it would one notebook (the kernels exit with it)."""
+    results, errors = [None] * len(items), []
+    todo = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
+
+    def work():
+        while not errors:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(items)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)  # short waits keep the main thread responsive to Ctrl-C
+    if errors:
+        raise errors[0]
+    return results
+
+
+@contextlib.contextmanager
+def _threads_per_kernel(parallel: int):
+    """With `parallel` notebooks at once, each kernel computes on its share of the cores (OMP_NUM_THREADS,
+    which the kernels inherit): more threads than cores make them wait on each other. A value the user set
+    is kept."""
+    if parallel <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // parallel))
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)

@@ -258,6 +258,7 @@ class _Run:
         self.precision = resolve_precision(settings.mixed_precision, settings.model_dtype, self.device)
         self.start_time = time.time()
         self.wall_offset = 0.0  # time spent by earlier, interrupted sessions of this run
+        self.eval_time_s = 0.0  # this session's evaluations (val every epoch, test at the end)
         self.state: TrainState | None = None
         self.live: tracking.TrainingProgress | None = None   # the CLI's progress line (tracking.py)
 
@@ -314,6 +315,7 @@ class _Run:
             result = evaluation.evaluate(model, self.processor, records, root, self.dataset, self.settings,
                                          self.family, vision_cache=self.vision_cache, progress=self.progress)
         model.train(was_training)
+        self.eval_time_s += result.wall_time_s
         return result
 
     # ------------------------------------------------------------ main
@@ -606,6 +608,8 @@ class _Run:
             "stopped": state.stopped if state else None,
             "history": state.history if state else [],
             "wall_time_s": self.wall_offset + time.time() - self.start_time,
+            "train_time_s": state.train_time_s if state else 0.0,   # training steps, all sessions
+            "eval_time_s": self.eval_time_s,                          # evaluations, this session
             "train_samples_per_s": (state.train_samples / state.train_time_s)
             if state and state.train_time_s > 0 else None,
             "eval_questions_per_s": test.questions_per_s or None,

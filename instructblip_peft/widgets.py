@@ -5,10 +5,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .artifacts import RunDir, run_dirs
+from .artifacts import RunDir, is_demo_dir, run_dirs
+from .config import processed_root
 from .data.prompts import LETTERS, render_prompt
 from .data.records import MANIFEST, SPLITS, load_split
-from .display import describe_placement, prediction_chart, read_predictions, show_records
+from .display import describe_placement, prediction_chart, read_predictions, score_lines, show_records
 from .errors import UserError
 
 
@@ -80,36 +81,55 @@ def experiment_browser(preset: str = "tiny"):
     return w.VBox([w.HBox([exp, pre]), out])
 
 
-def run_browser(outputs_dir: Path, processed_dir: Path):
-    """Browse a finished run's test predictions, with the images."""
+def run_browser(runs, processed_dir: Path | None = None):
+    """Browse finished runs' test predictions, with the images and every candidate's score.
+
+    `runs`: an outputs directory, or a list of run directories (artifacts.browsable_runs). A run's records
+    come from the processed data it used (run.json), else from `processed_dir`/<dataset>."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-
-    runs = [r.path for r in run_dirs(outputs_dir) if r.predictions("test").is_file()]
+    where = runs
+    runs = run_dirs(runs) if isinstance(runs, (str, Path)) else [RunDir(r) for r in runs]
+    runs = [r for r in runs if r.predictions("test").is_file()]
     if not runs:
-        return w.HTML(f"No finished runs under {outputs_dir}: run notebook 02 or `instructblip-peft run`.")
-    run = w.Dropdown(options=[(f"{p.parent.name} {p.name}", str(p)) for p in runs], description="run")
+        return w.HTML(f"No finished runs under {where}: run notebook 02 or `instructblip-peft run`."
+                      if isinstance(where, (str, Path)) else
+                      "No finished runs yet: run notebook 02, `instructblip-peft run` or `instructblip-peft demo`.")
+
+    def label(r: RunDir) -> str:
+        return f"{r.path.parent.name} {r.path.name}" + (" (demo)" if is_demo_dir(r.path.parent.parent) else "")
+
+    run = w.Dropdown(options=[(label(r), str(r.path)) for r in runs], description="run",
+                     layout=w.Layout(width="420px"))
     only_wrong = w.Checkbox(value=False, description="only wrong")
     index = w.IntSlider(min=0, max=0, description="prediction")
     out = w.Output()
 
     def show(*_):
-        run_dir = Path(run.value)
-        dataset = run_dir.parent.name
-        preds = read_predictions(run_dir)
-        records, image_root = load_split(Path(processed_dir) / dataset, "test")
+        chosen = RunDir(run.value)
+        dataset = chosen.path.parent.name
+        preds = read_predictions(chosen.path)
+        out.clear_output(wait=True)
+        try:
+            records, image_root = load_split(chosen.dataset_dir() or processed_root(processed_dir) / dataset, "test")
+        except UserError as e:  # the processed data it used is gone: say so in place
+            with out:
+                print(f"error: {e}")
+            return
         records = [r for r in records if r["question_id"] in preds and not (only_wrong.value and
                                                                               preds[r["question_id"]]["correct"])]
-        out.clear_output(wait=True)
         with out:
             if not records:
                 print("no predictions to show")
                 return
             index.max = len(records) - 1
             rec = records[min(index.value, index.max)]
-            print(f"{len(records)} predictions; scores: {preds[rec['question_id']].get('scores')}")
+            accuracy = 100 * sum(p["correct"] for p in preds.values()) / len(preds)
+            print(f"test accuracy {accuracy:.1f}% ({len(preds)} questions); showing {len(records)}"
+                  f"{' answered wrongly' if only_wrong.value else ''}")
+            print(score_lines(rec, preds[rec["question_id"]]))
             fig = show_records([rec], image_root, dataset, preds, columns=1)
             display(fig)
             plt.close(fig)

@@ -59,7 +59,8 @@ def test_category_table_lists_scienceqa_runs_only(tmp_path):
     table = analysis.category_table(analysis.collect_runs(tmp_path))
     assert list(table.index) == ["15: Q-Former LoRA ffn r4"]
     assert table.loc["15: Q-Former LoRA ffn r4", "LAN"] == 100.0
-    assert pd.isna(table.loc["15: Q-Former LoRA ffn r4", "TXT"])
+    # Categories without questions leave no empty slot in the bars.
+    assert list(table.columns) == ["NAT", "SOC", "LAN", "IMG", "G1-6"]
 
 
 def test_methods_are_a_dimension_of_the_analysis(tmp_path):
@@ -82,3 +83,20 @@ def test_methods_are_a_dimension_of_the_analysis(tmp_path):
     assert list(analysis.accuracy_grid(runs, "scienceqa", "flant5xl", method="ia3").columns) == ["-"]
     fig = analysis.plot_heatmaps(runs)
     assert len(fig.axes) >= 3 * 2  # (dataset x method) rows x LLM columns, plus colour bars
+
+
+def test_table_rounds_accuracies_and_says_what_the_share_is(tmp_path):
+    fake_run(tmp_path, "scienceqa", "11", 2 / 3, trainable=15_000)    # LLM LoRA: the whole Q-Former trains
+    fake_run(tmp_path, "scienceqa", "27", 0.123456, trainable=25)
+    runs = analysis.collect_runs(tmp_path)
+    table = analysis.summary_table(runs).set_index("experiment")
+    assert table.loc["11", "test acc %"] == 66.7 and table.loc["27", "test acc %"] == 12.3
+    assert table.loc["11", analysis.SHARE_COLUMN] == 150.0 and table.loc["27", analysis.SHARE_COLUMN] == 0.25
+    markdown = analysis.summary_markdown(runs)
+    assert " 66.7 |" in markdown and " 15,000 |" in markdown and "66.67" not in markdown
+    assert "exceed 100%" in markdown.splitlines()[-1]
+
+
+def test_an_empty_share_plot_claims_no_log_scale():
+    fig = analysis.plot_share(analysis.collect_runs("/nonexistent"))
+    assert all(ax.get_xscale() == "linear" and "log" not in ax.get_xlabel() for ax in fig.axes)

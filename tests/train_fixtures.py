@@ -68,7 +68,9 @@ FAST = dict(epochs=2, batch_size=4, grad_accum_steps=1, max_train_samples=16, ma
 
 EXPERIMENT = "31"  # Q-Former + LLM LoRA: the Q-Former's dropout makes the torch RNG part of the state
 SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2, checkpoint_every_steps=2)
-TIMING_KEYS = {"wall_time_s", "train_samples_per_s", "eval_questions_per_s", "peak_memory_mb", "eval_vision_cache"}
+# What a session measured (a resumed run's last session did less): not part of the run's result.
+TIMING_KEYS = {"wall_time_s", "train_time_s", "eval_time_s", "train_samples_per_s", "eval_questions_per_s",
+               "peak_memory_mb", "eval_vision_cache"}
 
 
 def final_state(out: Path) -> dict:
