@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-fast bench lab clean-outputs
+.PHONY: install demo test test-slow bench lab clean-outputs
 
 install: $(STAMP)
 
