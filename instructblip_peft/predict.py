@@ -110,7 +110,6 @@ class Predictor:
         from .finetuned import load_finetuned
         from .lora import base_model
         from .model import family_of
-        from .train import mixed_precision_mode
 
         self.source = source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -118,20 +117,8 @@ class Predictor:
         self.dataset = self.info["dataset"]
         self.family = family_of(base_model(self.model))
         # The run's own evaluation settings, on every question given (max_eval_samples only trims splits).
+        # The model is in the run's dtypes; evaluate() computes under the run's autocast, as its evaluation did.
         self.settings = Settings(self.info["settings"], max_eval_samples=None)
-        # Its evaluation ran under the run's autocast on a GPU (bf16/fp16; none on a CPU): so do these.
-        mode = mixed_precision_mode(self.settings.get("mixed_precision", "auto"))
-        self.autocast_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-                               if self.device.type == "cuda" else None)
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def ask_many(self, rows: list[dict], image_root: Path | None = None, progress: bool = False) -> list[dict]:
         """One prediction per question, in order. Image paths are relative to `image_root` (or absolute)."""
@@ -145,9 +132,8 @@ class Predictor:
             idx = [i for i, r in enumerate(records) if bool(r["choices"]) == (mode == "rank")]
             if not idx:
                 continue
-            with self._autocast():
-                result = evaluate(self.model, self.processor, [records[i] for i in idx], Path("/"), self.dataset,
-                                  Settings(self.settings, eval_mode=mode), self.family, progress=progress)
+            result = evaluate(self.model, self.processor, [records[i] for i in idx], Path("/"), self.dataset,
+                              Settings(self.settings, eval_mode=mode), self.family, progress=progress)
             for i, pred in zip(idx, result.predictions):
                 out[i] = self._row(rows[i], records[i], pred, mode)
         return out
