@@ -104,9 +104,8 @@ def uniform_shapes(processor, records, family, settings) -> tuple[bool, int, int
     """(all prompts and answers tokenise to one length each, that prompt length, that answer length)."""
     enc = encode_prompts(processor, [render_prompt(r, DATASET) for r in records], settings.max_txt_len)
     targets = encode_targets(processor, [target_text(r) for r in records], family, settings.max_output_txt_len)
-    widths = {len(x) for x in enc["input_ids"]} | {len(x) + 10**6 for x in enc["qformer_input_ids"]}
-    answers = {len(t) for t in targets}
-    return len(widths) == 2 and len(answers) == 1, min(widths), min(answers)
+    llm, qformer, answers = ({len(x) for x in seqs} for seqs in (enc["input_ids"], enc["qformer_input_ids"], targets))
+    return len(llm) == len(qformer) == len(answers) == 1, min(llm), min(answers)
 
 
 # ---------------------------------------------------------------- timing
