@@ -34,6 +34,8 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/eval_vision_cache.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/eval_sharded.py
+	$(BIN)/python benchmarks/trainer_race.py
 	$(BIN)/python benchmarks/gpu_real_size.py
 
 lab: install

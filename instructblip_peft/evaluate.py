@@ -474,7 +474,7 @@ def _generate_batch(base, batch: _Batch, processor, family, settings, features) 
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(model, processor, records, image_root, dataset, settings, family, vision_cache: VisionCache | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, accelerator=None) -> EvalResult:
     """Accuracy, per-question predictions and the dataset's breakdown of `records`.
 
     settings: eval_mode ('rank' | 'generate'), eval_batch_size (questions per batch), max_eval_samples,
@@ -483,6 +483,9 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
     evaluations (create it once; see vision_cache_for); ignored, with a warning, if the ViT trains.
     Any dtype mix works (bf16/fp16 base weights with fp32 trained tensors): evaluation applies autocast itself
     (autocast_for).
+    `accelerator`: with several processes (`accelerate launch`), every process must call this with the
+    same records; each evaluates its share of the batches (and caches only its share of the images), and
+    every process gets all predictions back, in the records' order.
     """
     if family not in ("t5", "llama"):
         raise UserError(f"unknown LLM family '{family}' (expected 't5' or 'llama')")
@@ -503,15 +506,20 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
     # Similar lengths in a batch waste less padding; results are put back in the records' order.
     order = sorted(range(len(records)), key=lambda i: len(encoded.llm_ids[i]))
     size = settings.eval_batch_size
+    batches = [order[lo: lo + size] for lo in range(0, len(order), size)]
+    # Several processes: process k runs batches k, k + N, k + 2N, ... of that same length-sorted list, so
+    # every batch is the one a single process would run (same padding, same scores) and the work is even.
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    batches = batches[rank::world]
     results: dict[int, list | str] = {}
     was_training = model.training
     model.eval()
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(records), desc=f"eval ({mode})", unit="q", disable=not progress, leave=False)
+        bar = tqdm(total=sum(map(len, batches)), desc=f"eval ({mode})", unit="q", disable=not progress,
+                   leave=False)
         with torch.inference_mode(), autocast_for(model, settings):
-            for lo in range(0, len(order), size):
-                idx = order[lo: lo + size]
+            for idx in batches:
                 batch = _Batch([records[i] for i in idx], [encoded.prompts[i] for i in idx],
                                [encoded.qformer_ids[i] for i in idx], [encoded.llm_ids[i] for i in idx])
                 features = _features(base, batch, processor, image_root, transform, vision_cache)
@@ -522,6 +530,9 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
         bar.close()
     finally:
         model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+        results = dict(gather_object(list(results.items())))
     predictions = []
     for i, r in enumerate(records):
         if mode == "rank":

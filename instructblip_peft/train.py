@@ -312,7 +312,8 @@ class _Run:
         model.eval()
         with self.acc.autocast():
             result = evaluation.evaluate(model, self.processor, records, root, self.dataset, self.settings,
-                                         self.family, vision_cache=self.vision_cache, progress=self.progress)
+                                         self.family, vision_cache=self.vision_cache, progress=self.progress,
+                                         accelerator=self.acc)  # each process evaluates its share
         model.train(was_training)
         return result
 
