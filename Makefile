@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/eval_ranking.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/eval_vision_cache.py
+	$(BIN)/python benchmarks/train_vision_cache.py --threads 1
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/eval_sharded.py
 	$(BIN)/python benchmarks/trainer_race.py

@@ -154,3 +154,17 @@ def test_trainer_race_runs_both_loops_and_both_evaluations(tmp_path):
     assert ev["same_predictions"] and ev["max_rel_score_diff"] < 1e-4
     assert ev["candidates"] > ev["questions"] == 3
     assert ev["speedup"] == pytest.approx(min(ev["trainer_s"]) / min(ev["ours_s"]))
+
+
+def test_train_vision_cache_benchmark_skips_the_vit_with_identical_losses(tmp_path):
+    bench = load("train_vision_cache")
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    # Epoch 1 filled the cache (the ViT ran), epoch 2 skipped it on every batch; losses equal bit for bit.
+    assert r["vit_batches"] == 2 and r["reused_batches"] == 2 and r["max_rel_loss_diff"] == 0.0
+    assert r["epoch2_vs_epoch1"] == pytest.approx(r["cache_epoch2_samples_per_s"] / r["cache_epoch1_samples_per_s"])
+    assert r["epoch2_vs_no_cache"] == pytest.approx(r["cache_epoch2_samples_per_s"] / r["plain_epoch2_samples_per_s"])
+    # FlanT5-XL's shares, counted on the meta device: the ViT forward is over a third of a step.
+    assert 0.3 < r["real_shares"]["vit"] < 0.45 and sum(r["real_shares"][k] for k in ("vit", "qformer", "llm")) == \
+        pytest.approx(1.0)
