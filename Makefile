@@ -33,7 +33,10 @@ bench: install
 	$(BIN)/python benchmarks/eval_ranking.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/eval_vision_cache.py
+	$(BIN)/python benchmarks/train_vision_cache.py --threads 1
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/eval_sharded.py
+	$(BIN)/python benchmarks/trainer_race.py
 	$(BIN)/python benchmarks/gpu_real_size.py
 	$(BIN)/python benchmarks/demo_time.py
 

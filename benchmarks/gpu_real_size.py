@@ -140,13 +140,13 @@ def _part(name: str, t5: bool) -> str:
     return "llm"
 
 
-def estimated_flops(model, batch: dict) -> float:
-    """Sum over weight matrices of (2 forward + 2 backward-to-activations + 2 backward-to-weights if it
-    trains) x params x the tokens it sees; the vision tower, which nothing upstream trains, only runs
-    forward (2x). Embeddings are lookups, not matmuls; attention scores are not counted."""
+def flops_by_part(model, batch: dict) -> dict[str, float]:
+    """Per group of weights (component_tokens' keys): (2 forward + 2 backward-to-activations + 2
+    backward-to-weights if it trains) x params x the tokens it sees; the vision tower, which nothing upstream
+    trains, only runs forward (2x). Embeddings are lookups, not matmuls; attention scores are not counted."""
     tokens = component_tokens(model, batch)
     t5 = not model.config.use_decoder_only_language_model
-    total = 0.0
+    parts = dict.fromkeys(tokens, 0.0)
     for name, p in base_model(model).named_parameters():
         if p.ndim < 2 or re.search(r"embed|shared|query_tokens", name):
             continue
@@ -154,8 +154,13 @@ def estimated_flops(model, batch: dict) -> float:
         per_token = 2 if part == "vision" else 4
         if p.requires_grad:
             per_token += 2
-        total += per_token * p.numel() * tokens[part]
-    return total
+        parts[part] += per_token * p.numel() * tokens[part]
+    return parts
+
+
+def estimated_flops(model, batch: dict) -> float:
+    """A training step's FLOPs, textbook (flops_by_part summed)."""
+    return sum(flops_by_part(model, batch).values())
 
 
 # ---------------------------------------------------------------- one measured configuration

@@ -12,7 +12,10 @@
 - AdaLoRA runs: `adalora_ranks.json`, every adapted module's final rank and importance, and its figure;
 - the executed notebooks (names from params/runner.yaml) and `run.lock`;
 - while a run evaluates, `eval_vision_cache.<process>.bin`: the part of its evaluation vision cache beyond
-  `eval_vision_cache_ram_gb`, memory-mapped, one per process; deleted at the end of the run.
+  `eval_vision_cache_ram_gb`, memory-mapped, one per process; deleted at the end of the run;
+- while a run trains (`train_vision_cache`, images not augmented), `train_vision_cache.<process>.bin`: the
+  same for the training images' ViT outputs beyond `train_vision_cache_ram_gb`; deleted at the end of the
+  run, and a killed run's file is never read: every session starts that cache empty.
 
 An exported folder (`instructblip-peft export`) is laid out the same way, without checkpoints, predictions
 and notebooks, plus its model card `README.md`; `--merged` puts a plain transformers checkpoint in place of
@@ -45,7 +48,7 @@ ADALORA_RANKS_FIGURE = "adalora_ranks.png"  # ... drawn: Q-Former layer x sublay
 MODEL_CARD = "README.md"
 CHECKPOINT_STATE = "state.json"  # inside checkpoint/ and best/, written last (checkpoint.py)
 JOBS = "jobs"                    # run.json's key for the sweep tasks that ran the run
-VISION_CACHE = "eval_vision_cache"
+VISION_CACHES = ("eval", "train")  # <kind>_vision_cache.<process>.bin: the spill files of the two vision caches
 SPLITS_PREDICTED = ("val", "test")
 
 
@@ -122,12 +125,15 @@ class RunDir:
     def notebook(self, key: str) -> Path:
         return self.path / notebook_name(key)
 
-    def vision_cache_file(self, process: int = 0) -> Path:
-        """Where process `process` spills its evaluation vision cache beyond the RAM cap (a memory-mapped file)."""
-        return self.path / f"{VISION_CACHE}.{process}.bin"
+    def vision_cache_file(self, process: int = 0, kind: str = "eval") -> Path:
+        """Where process `process` spills its vision cache of `kind` ('eval': val/test images, 'train': the
+        training images) beyond the RAM cap (a memory-mapped file)."""
+        if kind not in VISION_CACHES:
+            raise ValueError(f"vision cache kind {kind!r} (expected one of {VISION_CACHES})")
+        return self.path / f"{kind}_vision_cache.{process}.bin"
 
     def vision_cache_files(self) -> list[Path]:
-        return sorted(self.path.glob(f"{VISION_CACHE}.*.bin"))
+        return sorted(f for kind in VISION_CACHES for f in self.path.glob(f"{kind}_vision_cache.*.bin"))
 
     # ------------------------------------------------------------ state
 

@@ -193,7 +193,7 @@ CHOICES = {
 POSITIVE = {"epochs", "learning_rate", "batch_size", "grad_accum_steps", "eval_batch_size", "max_steps",
             "image_size", "max_txt_len", "max_output_txt_len", "checkpoint_every_steps", "log_every_steps",
             "max_train_samples", "max_eval_samples", "lora_alpha", "adalora_delta_t", "eval_max_txt_len"}
-NON_NEGATIVE = {"eval_vision_cache_ram_gb", "num_workers", "adalora_orth_reg_weight"}
+NON_NEGATIVE = {"eval_vision_cache_ram_gb", "train_vision_cache_ram_gb", "num_workers", "adalora_orth_reg_weight"}
 # Settings that must lie in [0, 1) (probabilities and fractions of a run).
 FRACTIONS = {"lora_dropout", "adalora_tinit", "adalora_tfinal", "adalora_beta1", "adalora_beta2"}
 # Settings that take "auto" or an integer.

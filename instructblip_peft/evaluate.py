@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-from .data.batches import (IGNORE_INDEX, encode_prompts, encode_targets, load_image, make_transform, mask, pad,
-                           pad_id)
+from .data.batches import (IGNORE_INDEX, encode_prompts, encode_targets, image_key, load_image, make_transform,
+                           mask, pad, pad_id)
 from .data.prompts import LETTERS, candidate_texts, render_prompt
 from .data.scienceqa import CATEGORIES as SCIENCEQA_CATEGORIES
 from .data.scienceqa import SUBJECT_CATEGORIES
@@ -66,15 +66,17 @@ class _Spill:
     MIN_BYTES = 64 * 2**20
     MAX_GROWTH = 2**30
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, setting: str = "eval_vision_cache"):
+        self.setting = setting  # the cache's on/off setting, for the error message
         self.given = path is not None
         self.path = path
         self.map: np.memmap | None = None
         self.used = 0
 
     def _fail(self, e: OSError):
-        raise UserError(f"{self.path}: cannot write the evaluation vision cache ({e.strerror or e}); free disk "
-                        "space, raise eval_vision_cache_ram_gb or set eval_vision_cache false") from None
+        which = "training" if self.setting.startswith("train") else "evaluation"
+        raise UserError(f"{self.path}: cannot write the {which} vision cache ({e.strerror or e}); free disk space, "
+                        f"raise {self.setting}_ram_gb or set {self.setting} false") from None
 
     def _reserve(self, end: int) -> None:
         capacity = 0 if self.map is None else len(self.map)
@@ -134,7 +136,8 @@ class _Spill:
 
 
 class VisionCache:
-    """Vision-encoder outputs per image, reused by every evaluation of a run.
+    """Vision-encoder outputs per image, reused by every evaluation of a run (and, with `train_vision_cache`,
+    by every training epoch after the first: vision_reuse.py).
 
     The ViT is frozen in every experiment and evaluation does not augment, so an image's encoder output
     never changes. What is stored is the encoder's last hidden state BEFORE `post_layernorm`: that layer
@@ -142,23 +145,23 @@ class VisionCache:
     Keyed by image path and size (all text-only questions share one blank image). Stored as evaluation uses
     it, in the model's dtype (ViT-g in bf16: 257 x 1408 x 2 bytes = 0.7 MB per image), on `device` ('cpu'
     keeps GPU memory free) up to `max_ram_bytes` (None: no limit); beyond that in a memory-mapped file,
-    `spill_path` (None: a temporary file), read back bit for bit. `close()` deletes the file.
+    `spill_path` (None: a temporary file), read back bit for bit. `close()` deletes the file. `setting`: the
+    setting that switches this cache (named in errors).
     """
 
     def __init__(self, device: str | torch.device = "cpu", max_ram_bytes: int | None = None,
-                 spill_path: str | os.PathLike | None = None):
+                 spill_path: str | os.PathLike | None = None, setting: str = "eval_vision_cache"):
         self.device = torch.device(device)
         self.max_ram_bytes = max_ram_bytes
         self._store: dict[str, torch.Tensor] = {}
         self._spilled: dict[str, tuple[int, int, torch.dtype, torch.Size]] = {}
-        self._spill = _Spill(Path(spill_path) if spill_path is not None else None)
+        self._spill = _Spill(Path(spill_path) if spill_path is not None else None, setting)
         self.ram_bytes = 0
         self.hits = self.misses = 0
 
     @staticmethod
     def key(image_root, relative: str | None, image_size: int) -> str:
-        where = "<blank>" if relative is None else str(Path(image_root or ".") / relative)
-        return f"{where}@{image_size}"
+        return image_key(image_root, relative, image_size)
 
     @property
     def spill_path(self) -> Path | None:
@@ -210,16 +213,19 @@ class VisionCache:
     close = clear
 
 
-def vision_cache_for(settings, spill_path: str | os.PathLike | None = None) -> VisionCache | None:
-    """The cache a run should create once and pass to each of its evaluations (None when switched off):
-    `eval_vision_cache_ram_gb` of RAM, then `spill_path` (a run directory's RunDir.vision_cache_file)."""
-    if not settings.eval_vision_cache:
+def vision_cache_for(settings, spill_path: str | os.PathLike | None = None, kind: str = "eval") -> VisionCache | None:
+    """The cache a run should create once and pass to each of its evaluations (kind 'eval'), or to its training
+    (kind 'train'); None when switched off: `<kind>_vision_cache_ram_gb` of RAM, then `spill_path` (a run
+    directory's RunDir.vision_cache_file)."""
+    setting = f"{kind}_vision_cache"
+    if not settings.get(setting):
         return None
-    ram_gb = settings.get("eval_vision_cache_ram_gb")
-    return VisionCache(max_ram_bytes=None if ram_gb is None else int(ram_gb * 2**30), spill_path=spill_path)
+    ram_gb = settings.get(f"{setting}_ram_gb")
+    return VisionCache(max_ram_bytes=None if ram_gb is None else int(ram_gb * 2**30), spill_path=spill_path,
+                       setting=setting)
 
 
-def _vision_encoder_frozen(base) -> bool:
+def vision_encoder_frozen(base) -> bool:
     vm = base.vision_model
     return not any(p.requires_grad for m in (vm.embeddings, vm.encoder) for p in m.parameters())
 
@@ -474,7 +480,7 @@ def _generate_batch(base, batch: _Batch, processor, family, settings, features) 
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(model, processor, records, image_root, dataset, settings, family, vision_cache: VisionCache | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, accelerator=None) -> EvalResult:
     """Accuracy, per-question predictions and the dataset's breakdown of `records`.
 
     settings: eval_mode ('rank' | 'generate'), eval_batch_size (questions per batch), max_eval_samples,
@@ -483,6 +489,9 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
     evaluations (create it once; see vision_cache_for); ignored, with a warning, if the ViT trains.
     Any dtype mix works (bf16/fp16 base weights with fp32 trained tensors): evaluation applies autocast itself
     (autocast_for).
+    `accelerator`: with several processes (`accelerate launch`), every process must call this with the
+    same records; each evaluates its share of the batches (and caches only its share of the images), and
+    every process gets all predictions back, in the records' order.
     """
     if family not in ("t5", "llama"):
         raise UserError(f"unknown LLM family '{family}' (expected 't5' or 'llama')")
@@ -494,7 +503,7 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
         records = records[: settings.max_eval_samples]
     model = unwrap(model)
     base = base_model(model)
-    if vision_cache is not None and not _vision_encoder_frozen(base):
+    if vision_cache is not None and not vision_encoder_frozen(base):
         warnings.warn("the vision encoder has trainable weights: evaluating without the vision cache", stacklevel=2)
         vision_cache = None
     transform = make_transform(processor, settings, train=False)
@@ -503,15 +512,20 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
     # Similar lengths in a batch waste less padding; results are put back in the records' order.
     order = sorted(range(len(records)), key=lambda i: len(encoded.llm_ids[i]))
     size = settings.eval_batch_size
+    batches = [order[lo: lo + size] for lo in range(0, len(order), size)]
+    # Several processes: process k runs batches k, k + N, k + 2N, ... of that same length-sorted list, so
+    # every batch is the one a single process would run (same padding, same scores) and the work is even.
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    batches = batches[rank::world]
     results: dict[int, list | str] = {}
     was_training = model.training
     model.eval()
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(records), desc=f"eval ({mode})", unit="q", disable=not progress, leave=False)
+        bar = tqdm(total=sum(map(len, batches)), desc=f"eval ({mode})", unit="q", disable=not progress,
+                   leave=False)
         with torch.inference_mode(), autocast_for(model, settings):
-            for lo in range(0, len(order), size):
-                idx = order[lo: lo + size]
+            for idx in batches:
                 batch = _Batch([records[i] for i in idx], [encoded.prompts[i] for i in idx],
                                [encoded.qformer_ids[i] for i in idx], [encoded.llm_ids[i] for i in idx])
                 features = _features(base, batch, processor, image_root, transform, vision_cache)
@@ -522,6 +536,9 @@ def evaluate(model, processor, records, image_root, dataset, settings, family, v
         bar.close()
     finally:
         model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+        results = dict(gather_object(list(results.items())))
     predictions = []
     for i, r in enumerate(records):
         if mode == "rank":

@@ -156,6 +156,10 @@ class TrainingProgress:
         """A passing line (what the run is doing now)."""
         self._write(text, final=False)
 
+    def note(self, text: str) -> None:
+        """A line that stays (something the user should know about this run)."""
+        self._write(text, final=True)
+
     def finished(self, text: str) -> None:
         self._write(text, final=True)
 

@@ -47,11 +47,13 @@ from .io import atomic_dir, atomic_path, read_json, remove_dir, write_json, writ
 from .lora import apply_experiment, base_model, trainable_parameters
 from .model import family_of, load_model, preset_for, resolve_precision, set_gradient_checkpointing
 from .stop import StopRequest
+from .vision_reuse import TrainVisionCache, model_identity, reuse_plan
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr"]
 # Settings that change neither the weights nor the metrics: a resumed run may change them.
 RESUME_SAFE_SETTINGS = {"num_workers", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
-                        "eval_vision_cache", "eval_vision_cache_ram_gb", "gradient_checkpointing", "report_to"}
+                        "eval_vision_cache", "eval_vision_cache_ram_gb", "train_vision_cache",
+                        "train_vision_cache_ram_gb", "gradient_checkpointing", "report_to"}
 
 
 class NonFiniteLossError(UserError):
@@ -261,6 +263,8 @@ class _Run:
         self.eval_time_s = 0.0  # this session's evaluations (val every epoch, test at the end)
         self.state: TrainState | None = None
         self.live: tracking.TrainingProgress | None = None   # the CLI's progress line (tracking.py)
+        self.train_vision: TrainVisionCache | None = None    # training's reuse of the frozen ViT (vision_reuse.py)
+        self.train_vision_note: str | None = None            # why training does not reuse it, if it does not
 
     # ------------------------------------------------------------ setup
 
@@ -313,7 +317,8 @@ class _Run:
         model.eval()
         with self.acc.autocast():
             result = evaluation.evaluate(model, self.processor, records, root, self.dataset, self.settings,
-                                         self.family, vision_cache=self.vision_cache, progress=self.progress)
+                                         self.family, vision_cache=self.vision_cache, progress=self.progress,
+                                         accelerator=self.acc)  # each process evaluates its share
         model.train(was_training)
         self.eval_time_s += result.wall_time_s
         return result
@@ -350,13 +355,36 @@ class _Run:
     def close(self) -> None:
         if getattr(self, "vision_cache", None) is not None:
             self.vision_cache.close()
+        if self.train_vision is not None:
+            self.train_vision.close()
+
+    def reuse_vit(self, model, transform) -> TrainVisionCache | None:
+        """Training's ViT-output cache when it may be used (train_vision_cache, images not augmented, ViT frozen);
+        otherwise None, said once. Empty at every (re)start: a killed session's spill file is overwritten."""
+        s, base = self.settings, base_model(self.acc.unwrap_model(model))
+        self.train_vision_note = reuse_plan(base, transform, s.train_vision_cache)
+        if self.train_vision_note is not None:
+            if self.progress:
+                print(self.train_vision_note)
+            self.live.note(self.train_vision_note)
+            return None
+        if not s.train_vision_cache:
+            return None
+        cache = evaluation.vision_cache_for(s, self.run_dir.vision_cache_file(self.acc.process_index, "train"),
+                                            kind="train")
+        identity = model_identity(preset=self.preset["name"], source=self.preset.get("source"), seed=s.seed,
+                                  precision=self.precision.to_dict(), quantize=s.quantize)
+        return TrainVisionCache(base, cache, identity)
 
     def fit(self, model) -> None:
         s, run, acc = self.settings, self.run_dir, self.acc
         train_records, image_root = _load_records(self.dataset_dir, "train", s.max_train_samples)
-        train_set = QADataset(train_records, image_root, self.dataset, make_transform(self.processor, s, train=True),
-                              seed=s.seed, clean_prompt=s.clean_prompt)
-        collator = TrainCollator(self.processor, self.family, s.max_txt_len, s.max_output_txt_len)
+        transform = make_transform(self.processor, s, train=True)
+        train_set = QADataset(train_records, image_root, self.dataset, transform, seed=s.seed,
+                              clean_prompt=s.clean_prompt)
+        self.train_vision = self.reuse_vit(model, transform)
+        collator = TrainCollator(self.processor, self.family, s.max_txt_len, s.max_output_txt_len,
+                                 image_keys=self.train_vision is not None)
         lengths = [len(render_prompt(r, self.dataset)) for r in train_records] if s.group_by_length else None
 
         optimizer = make_optimizer(model, s, lr_for_epoch(s.learning_rate, 0, s.epochs), self.device)
@@ -454,7 +482,9 @@ class _Run:
                 t0 = time.time()
                 epoch_from = rate_from = (t0, state.train_samples)   # samples/s over the log window / the epoch
                 for batch in loader:
-                    with acc.accumulate(model):
+                    keys = batch.pop("image_keys", None)
+                    with acc.accumulate(model), (self.train_vision.batch(keys) if keys is not None
+                                                 else contextlib.nullcontext()):
                         loss = model(**batch).loss
                         acc.backward(loss)
                         if acc.sync_gradients and s.max_grad_norm:
@@ -615,6 +645,9 @@ class _Run:
             "eval_questions_per_s": test.questions_per_s or None,
             "peak_memory_mb": _peak_memory_mb(self.device),
             "eval_vision_cache": self.vision_cache.stats() if self.vision_cache is not None else None,
+            # This session's (a resumed run starts it empty): images kept, batches that ran / skipped the ViT.
+            "train_vision_cache": self.train_vision.stats() if self.train_vision is not None
+            else ({"off": self.train_vision_note} if self.train_vision_note else None),
         }
         if acc.is_main_process:
             if state is not None:

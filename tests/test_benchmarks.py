@@ -136,3 +136,35 @@ def test_memory_benchmark_measures_loading_and_the_capped_cache(tmp_path):
     assert cache["bytes_per_image"] == per_image
     assert cache["ram_bytes"] == 10 * per_image and cache["spilled_bytes"] == 30 * per_image
     assert cache["read_back_ok"] and cache["spill_removed"]
+
+
+def test_trainer_race_runs_both_loops_and_both_evaluations(tmp_path):
+    bench = load("trainer_race")
+    out = tmp_path / "race.json"
+    assert bench.main(["--quick", "--steps", "2", "--warmup", "1", "--checkpoint-every", "1",
+                       "--eval-questions", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    # Both loops trained on batches of one shape, and the printed ratio is that of the measured rates.
+    assert r["uniform_shapes"]
+    assert r["ours_samples_per_s"] > 0 and r["trainer_samples_per_s"] > 0
+    assert r["train_ratio"] == pytest.approx(r["ours_samples_per_s"] / r["trainer_samples_per_s"])
+    assert {name: len(t) for name, t in r["step_seconds"].items()} == {"ours": 3, "Trainer": 3}
+    # The Trainer route (one forward per candidate) ranks exactly like our batched evaluation.
+    ev = r["eval"]
+    assert ev["same_predictions"] and ev["max_rel_score_diff"] < 1e-4
+    assert ev["candidates"] > ev["questions"] == 3
+    assert ev["speedup"] == pytest.approx(min(ev["trainer_s"]) / min(ev["ours_s"]))
+
+
+def test_train_vision_cache_benchmark_skips_the_vit_with_identical_losses(tmp_path):
+    bench = load("train_vision_cache")
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    # Epoch 1 filled the cache (the ViT ran), epoch 2 skipped it on every batch; losses equal bit for bit.
+    assert r["vit_batches"] == 2 and r["reused_batches"] == 2 and r["max_rel_loss_diff"] == 0.0
+    assert r["epoch2_vs_epoch1"] == pytest.approx(r["cache_epoch2_samples_per_s"] / r["cache_epoch1_samples_per_s"])
+    assert r["epoch2_vs_no_cache"] == pytest.approx(r["cache_epoch2_samples_per_s"] / r["plain_epoch2_samples_per_s"])
+    # FlanT5-XL's shares, counted on the meta device: the ViT forward is over a third of a step.
+    assert 0.3 < r["real_shares"]["vit"] < 0.45 and sum(r["real_shares"][k] for k in ("vit", "qformer", "llm")) == \
+        pytest.approx(1.0)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instructblip_peft import checkpoint as ckpt
 from instructblip_peft import model as model_module
 from instructblip_peft.config import Settings
 from instructblip_peft.data.records import load_split
@@ -19,7 +18,8 @@ from instructblip_peft.finetuned import load_finetuned
 from instructblip_peft.lora import base_model, trainable_parameters
 from instructblip_peft.train import train
 
-from train_fixtures import FAST, assert_same_run, final_state, make_colour_dataset
+from train_fixtures import (FAST, Stopped, assert_same_run, final_state, make_colour_dataset,
+                            stop_after_checkpoint)
 
 EXPERIMENT = {"t5": "31", "llama": "63"}  # Q-Former + LLM LoRA: LoRA on both sides, the Q-Former's dropout
 MATRIX = [("t5", "no"), ("t5", "bf16"), ("llama", "no"), ("llama", "bf16")]
@@ -32,10 +32,6 @@ def settings_for(mixed_precision: str) -> dict:
     # The half-precision runs keep none of their vision cache in RAM: all of it goes through the spill file.
     return dict(BASE, mixed_precision=mixed_precision,
                 eval_vision_cache_ram_gb=0.0 if mixed_precision != "no" else 2.0)
-
-
-class Stop(BaseException):
-    """Stands for a kill right after a complete checkpoint (test_resume and test_hardening SIGKILL for real)."""
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +73,11 @@ def test_trains_in_the_dtype_mix_asked_for(finished):
 
 def test_stopped_and_resumed_run_ends_like_the_uninterrupted_one(finished, data, tmp_path, monkeypatch):
     family, mixed_precision, out, _ = finished
-    real, calls = ckpt.save_checkpoint, [0]
-
-    def save_then_stop(*args, **kwargs):
-        real(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == 3:  # after step 3: in the middle of epoch 2 (checkpoints: step 1, step 2 = epoch 1's end, step 3)
-            raise Stop
-
+    # A stop right after a complete checkpoint stands for a kill (test_resume and test_hardening SIGKILL for real).
     with monkeypatch.context() as m:
-        m.setattr(ckpt, "save_checkpoint", save_then_stop)
-        with pytest.raises(Stop):
+        # After step 3: in the middle of epoch 2 (checkpoints: step 1, step 2 = epoch 1's end, step 3).
+        stop_after_checkpoint(m, 3)
+        with pytest.raises(Stopped):
             train("scienceqa", EXPERIMENT[family], tmp_path, dataset_dir=data, preset="tiny", progress=False,
                   **settings_for(mixed_precision))
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())

@@ -12,7 +12,8 @@ import pytest
 
 from instructblip_peft.train import train
 
-from train_fixtures import EXPERIMENT, SETTINGS, SINGLE_THREAD_ENV, assert_same_run, curves, final_state
+from train_fixtures import (EXPERIMENT, SETTINGS, SINGLE_THREAD_ENV, Stopped, assert_same_run, curves, final_state,
+                            stop_after_checkpoint)
 
 # Fixtures from conftest.py: data (the processed colour dataset), uninterrupted (final_state of the same run
 # never interrupted).
@@ -98,23 +99,10 @@ def test_data_loader_workers_change_nothing_and_resume_exactly(data, uninterrupt
     """Two loader processes (what num_workers 'auto' gives on a GPU is a few): stopped mid-epoch right after a
     checkpoint, as a kill would, and resumed with workers again, the run ends exactly like the uninterrupted
     one that loaded its data in the main process."""
-    from instructblip_peft import checkpoint as ckpt
-
-    class Stop(BaseException):
-        pass
-
-    real, calls = ckpt.save_checkpoint, [0]
-
-    def save_then_stop(*args, **kwargs):
-        real(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == 3:  # step 6: the middle of epoch 2 (checkpoints at steps 2, 4 = epoch 1's end, 6)
-            raise Stop
-
     settings = dict(SETTINGS, num_workers=2)
     with monkeypatch.context() as m:
-        m.setattr(ckpt, "save_checkpoint", save_then_stop)
-        with pytest.raises(Stop):
+        stop_after_checkpoint(m, 3)  # step 6: the middle of epoch 2 (checkpoints at steps 2, 4 = epoch 1's end, 6)
+        with pytest.raises(Stopped):
             train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **settings)
     assert checkpoint_state(tmp_path)["global_step"] == 6 and checkpoint_state(tmp_path)["iterations_in_epoch"] == 2
     train("scienceqa", EXPERIMENT, tmp_path, dataset_dir=data, preset="tiny", progress=False, **settings)

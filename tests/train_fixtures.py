@@ -68,9 +68,29 @@ FAST = dict(epochs=2, batch_size=4, grad_accum_steps=1, max_train_samples=16, ma
 
 EXPERIMENT = "31"  # Q-Former + LLM LoRA: the Q-Former's dropout makes the torch RNG part of the state
 SETTINGS = dict(FAST, epochs=3, learning_rate=1e-2, checkpoint_every_steps=2)
-# What a session measured (a resumed run's last session did less): not part of the run's result.
+# What a session measured (a resumed run's last session did less), and what the vision caches hold (a resumed
+# session starts its training cache empty): not part of the run's result.
 TIMING_KEYS = {"wall_time_s", "train_time_s", "eval_time_s", "train_samples_per_s", "eval_questions_per_s",
-               "peak_memory_mb", "eval_vision_cache"}
+               "peak_memory_mb", "eval_vision_cache", "train_vision_cache"}
+
+
+class Stopped(BaseException):
+    """Raised by stop_after_checkpoint: not an Exception, so nothing in train() handles it."""
+
+
+def stop_after_checkpoint(monkeypatch, n: int) -> None:
+    """Make the n-th checkpoint the last thing a run does (as a kill right after it would): it raises Stopped."""
+    from instructblip_peft import checkpoint as ckpt
+
+    real, saves = ckpt.save_checkpoint, [0]
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        saves[0] += 1
+        if saves[0] == n:
+            raise Stopped
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
 
 
 def final_state(out: Path) -> dict:

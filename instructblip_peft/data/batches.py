@@ -42,6 +42,13 @@ def load_image(image_root: Path | None, relative: str | None, size: int) -> Imag
         raise UserError(f"{path}: cannot read image ({e})") from None
 
 
+def image_key(image_root: Path | None, relative: str | None, size: int) -> str:
+    """What an image is to the vision caches: its path (all text-only questions share one blank image) and the
+    size it is resized to."""
+    where = "<blank>" if relative is None else str(Path(image_root or ".") / relative)
+    return f"{where}@{size}"
+
+
 def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.5, 1.0),
                             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """The crop box of torchvision's RandomResizedCrop (area share in `scale`, log-uniform aspect ratio,
@@ -79,8 +86,14 @@ class ImageTransform:
     horizontal_flip: bool = True
     crop_scale_min: float = 0.5
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether an image always gives the same pixels (no random crop or flip): then its ViT output can be
+        cached."""
+        return not (self.train and self.augment)
+
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        if self.train and self.augment:
+        if not self.deterministic:
             rng = rng or random.Random()
             box = random_resized_crop_box(image.width, image.height, rng, scale=(self.crop_scale_min, 1.0))
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
@@ -173,16 +186,19 @@ class QADataset(torch.utils.data.Dataset):
         image = load_image(self.image_root, r.get("image"), self.transform.image_size)
         return {"question_id": r["question_id"], "pixel_values": self.transform(image, rng),
                 "prompt": render_prompt(r, self.dataset, self.clean_prompt), "target": target_text(r),
-                "candidates": candidate_texts(r), "answer_index": r["answer_index"]}
+                "candidates": candidate_texts(r), "answer_index": r["answer_index"],
+                "image_key": image_key(self.image_root, r.get("image"), self.transform.image_size)}
 
 
 @dataclass
 class TrainCollator:
-    """Dynamic padding per batch (to the longest sequence in it)."""
+    """Dynamic padding per batch (to the longest sequence in it). `image_keys`: also pass each item's image_key
+    (under "image_keys", for the training vision cache; it must be popped before the model sees the batch)."""
     processor: object
     family: str
     max_txt_len: int
     max_output_txt_len: int
+    image_keys: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
         tok = self.processor.tokenizer
@@ -204,6 +220,8 @@ class TrainCollator:
             batch["input_ids"] = pad(seqs, pad_id(tok))
             batch["attention_mask"] = mask(seqs)
             batch["labels"] = pad(labels, IGNORE_INDEX)
+        if self.image_keys:
+            batch["image_keys"] = [it["image_key"] for it in items]
         return batch
 
 
