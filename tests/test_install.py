@@ -120,6 +120,7 @@ def run(argv, cwd, env, timeout=600) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # builds a wheel and a fresh environment: about 2 minutes (make test-slow)
 def test_a_wheel_in_a_fresh_environment_runs_cli_and_notebooks_from_any_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (*ENV_SETTINGS, "PYTHONPATH", "VIRTUAL_ENV")}
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
