@@ -22,7 +22,7 @@ from instructblip_peft import cli, launch
 from instructblip_peft.train import train
 
 from slurm_cluster import skip_marks, slurm_cluster  # noqa: F401,F811 (fixture)
-from train_fixtures import SINGLE_THREAD_ENV, make_colour_dataset
+from train_fixtures import SINGLE_THREAD_ENV, TIMING_KEYS, make_colour_dataset
 
 EXPERIMENTS = ["11", "27", "31"]   # LLM LoRA (and the whole Q-Former), Q-Former LoRA, both
 # 32 optimizer steps per epoch, each logged: a preemption lands mid-training, between two checkpoints (written
@@ -30,7 +30,6 @@ EXPERIMENTS = ["11", "27", "31"]   # LLM LoRA (and the whole Q-Former), Q-Former
 SETTINGS = {"max_train_samples": 64, "batch_size": 2, "epochs": 2, "max_eval_samples": 8, "log_every_steps": 1}
 TOTAL_STEPS = 64
 FAST = ["--preset", "tiny"] + [x for k, v in SETTINGS.items() for x in ("-p", k, str(v))]
-TIMING_KEYS = {"wall_time_s", "train_samples_per_s", "eval_questions_per_s", "peak_memory_mb"}
 PREEMPT_AT_STEP = 3
 DEADLINE_S = 600   # the whole sweep, on a busy machine
 
