@@ -21,6 +21,17 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sample_scienceqa(tmp_path_factory):
+    """The bundled sample's ScienceQA (1000 questions), preprocessed: what the learning checks train on."""
+    from instructblip_peft.data.preprocess import preprocess
+    from instructblip_peft.data.sample import generate_sample
+    root = tmp_path_factory.mktemp("sample")
+    raw = generate_sample(root / "raw", seed=0, n_iconqa=10)
+    preprocess("scienceqa", raw["scienceqa"], root / "processed", progress=False)
+    return root / "processed" / "scienceqa"
+
+
+@pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     """final_state of a run of EXPERIMENT with SETTINGS never interrupted: what every resumed run must equal."""
     from instructblip_peft.train import train

@@ -10,19 +10,9 @@ import pytest
 
 import train_fixtures  # noqa: F401  (one thread: tiny models on a shared CPU)
 from instructblip_peft.finetuned import load_finetuned
-from instructblip_peft.data.preprocess import preprocess
 from instructblip_peft.data.records import load_split
-from instructblip_peft.data.sample import generate_sample
 from instructblip_peft.evaluate import evaluate
 from instructblip_peft.train import train
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning")
-    raw = generate_sample(root / "raw", seed=0, n_iconqa=10)
-    preprocess("scienceqa", raw["scienceqa"], root / "processed", progress=False)
-    return root / "processed" / "scienceqa"
 
 
 # Q-Former+LLM LoRA, rank 4, for each LLM family, against the same untrained model.
@@ -30,12 +20,14 @@ FAMILIES = {"t5": ("31", "zeroshot-flant5xl"), "llama": ("63", "zeroshot-vicuna7
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def learned(request, processed, tmp_path_factory):
+def learned(request, sample_scienceqa, tmp_path_factory):
     experiment, zeroshot = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    untrained = train("scienceqa", zeroshot, root / "zeroshot", dataset_dir=processed, preset="tiny", progress=False)
-    trained = train("scienceqa", experiment, root / experiment, dataset_dir=processed, preset="tiny", progress=False)
-    return {"processed": processed, "run": root / experiment, "untrained": untrained, "trained": trained,
+    untrained = train("scienceqa", zeroshot, root / "zeroshot", dataset_dir=sample_scienceqa, preset="tiny",
+                      progress=False)
+    trained = train("scienceqa", experiment, root / experiment, dataset_dir=sample_scienceqa, preset="tiny",
+                    progress=False)
+    return {"processed": sample_scienceqa, "run": root / experiment, "untrained": untrained, "trained": trained,
             "family": request.param}
 
 

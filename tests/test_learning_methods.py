@@ -14,9 +14,7 @@ pytestmark = pytest.mark.slow  # minutes of CPU: `make test-slow` (CI runs it to
 
 import train_fixtures  # noqa: F401  (one thread: tiny models on a shared CPU)
 from instructblip_peft.finetuned import load_finetuned
-from instructblip_peft.data.preprocess import preprocess
 from instructblip_peft.data.records import load_split
-from instructblip_peft.data.sample import generate_sample
 from instructblip_peft.evaluate import evaluate
 from instructblip_peft.train import train
 
@@ -26,30 +24,22 @@ CASES = {"dora": ("t5", "31"), "rslora": ("llama", "63"), "adalora": ("t5", "31"
 
 
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning-methods")
-    raw = generate_sample(root / "raw", seed=0, n_iconqa=10)
-    preprocess("scienceqa", raw["scienceqa"], root / "processed", progress=False)
-    return root / "processed" / "scienceqa"
-
-
-@pytest.fixture(scope="module")
-def untrained(processed, tmp_path_factory):
+def untrained(sample_scienceqa, tmp_path_factory):
     root = tmp_path_factory.mktemp("zeroshot")
-    return {f: train("scienceqa", z, root / z, dataset_dir=processed, preset="tiny", progress=False)
+    return {f: train("scienceqa", z, root / z, dataset_dir=sample_scienceqa, preset="tiny", progress=False)
             for f, z in ZEROSHOT.items()}
 
 
 @pytest.mark.parametrize("method", list(CASES))
-def test_each_method_learns_from_the_pictures(method, processed, untrained, tmp_path):
+def test_each_method_learns_from_the_pictures(method, sample_scienceqa, untrained, tmp_path):
     family, experiment = CASES[method]
     before = untrained[family]
-    after = train("scienceqa", experiment, tmp_path, dataset_dir=processed, preset="tiny", progress=False,
+    after = train("scienceqa", experiment, tmp_path, dataset_dir=sample_scienceqa, preset="tiny", progress=False,
                   peft_method=method)
     assert after["val_accuracy"] >= before["val_accuracy"] + 0.15, (before["val_accuracy"], after["val_accuracy"])
     assert after["test_accuracy"] >= before["test_accuracy"] + 0.15, (before["test_accuracy"], after["test_accuracy"])
     model, processor, info = load_finetuned(tmp_path)
-    records, image_root = load_split(processed, "test")
+    records, image_root = load_split(sample_scienceqa, "test")
     chance = sum(1 / len(r["choices"]) for r in records) / len(records)
     blank = [dict(r, image=None) for r in records]
     result = evaluate(model, processor, blank, image_root, "scienceqa", info["settings"], family, progress=False)

@@ -25,17 +25,12 @@ from instructblip_peft.model_card import model_card, read_header
 from instructblip_peft.predict import Predictor, predict
 from instructblip_peft.train import train
 
-from train_fixtures import FAST, SINGLE_THREAD_ENV, make_colour_dataset
+from train_fixtures import FAST, SINGLE_THREAD_ENV
 
 # Q-Former + LLM LoRA, rank 4, in each family: LoRA on both sides plus the always-trained tensors.
 RUNS = {"t5": "31", "llama": "63"}
 # A short run with a large step, so that LoRA's B matrices are far from their zero start.
 SETTINGS = dict(FAST, epochs=1, max_steps=3, learning_rate=1e-2)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_colour_dataset(tmp_path_factory.mktemp("processed"))
 
 
 @pytest.fixture(scope="module")
